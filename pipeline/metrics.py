@@ -1,0 +1,118 @@
+"""Binary classification metrics with bootstrap confidence intervals, threshold rules and calibration."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+THRESHOLD_RULES = ("youden", "sensitivity")
+
+
+def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, rule: str,
+                     target_sensitivity: float = 0.95) -> float:
+    """Decision threshold from validation predictions only.
+
+    youden: maximise sensitivity + specificity - 1.
+    sensitivity: the highest threshold whose sensitivity is at least `target_sensitivity`
+    (a screening tool should rather over-call than miss pneumonia).
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule '{rule}': use one of {THRESHOLD_RULES}")
+    false_positive_rate, true_positive_rate, thresholds = roc_curve(labels, probabilities)
+    thresholds = np.clip(thresholds, 0.0, 1.0)  # roc_curve's first threshold is +inf
+    if rule == "youden":
+        best = int(np.argmax(true_positive_rate - false_positive_rate))
+    else:
+        best = int(np.argmax(true_positive_rate >= target_sensitivity))
+    return float(thresholds[best])
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:
+    """Mean |observed rate - mean predicted| over equal-width bins, weighted by bin size."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        in_bin = index == b
+        if in_bin.any():
+            error += in_bin.mean() * abs(labels[in_bin].mean() - probabilities[in_bin].mean())
+    return float(error)
+
+
+def point_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
+    labels = np.asarray(labels).astype(int)
+    predicted = (probabilities >= threshold).astype(int)
+    true_pos = int(np.sum((predicted == 1) & (labels == 1)))
+    true_neg = int(np.sum((predicted == 0) & (labels == 0)))
+    false_pos = int(np.sum((predicted == 1) & (labels == 0)))
+    false_neg = int(np.sum((predicted == 0) & (labels == 1)))
+    sensitivity = _ratio(true_pos, true_pos + false_neg)
+    precision = _ratio(true_pos, true_pos + false_pos)
+    both_classes = len(np.unique(labels)) == 2
+    return {
+        "roc_auc": float(roc_auc_score(labels, probabilities)) if both_classes else float("nan"),
+        "pr_auc": float(average_precision_score(labels, probabilities)) if both_classes else float("nan"),
+        "accuracy": _ratio(true_pos + true_neg, len(labels)),
+        "sensitivity": sensitivity,
+        "specificity": _ratio(true_neg, true_neg + false_pos),
+        "precision": precision,
+        "f1": _ratio(2 * precision * sensitivity, precision + sensitivity),
+        "brier": float(np.mean((probabilities - labels) ** 2)),
+        "ece": expected_calibration_error(labels, probabilities),
+    }
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else float("nan")
+
+
+def metrics_with_ci(labels: np.ndarray, probabilities: np.ndarray, threshold: float,
+                    resamples: int, seed: int, confidence: float = 0.95) -> dict[str, dict[str, float]]:
+    """Each metric with a percentile bootstrap CI (resampling images, stratified by class)."""
+    labels = np.asarray(labels).astype(int)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(labels == value) for value in (0, 1)]
+    samples: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        index = np.concatenate([rng.choice(members, size=len(members)) for members in by_class if len(members)])
+        for name, value in point_metrics(labels[index], probabilities[index], threshold).items():
+            samples.setdefault(name, []).append(value)
+    tail = 100 * (1 - confidence) / 2
+    result = {}
+    for name, value in point_metrics(labels, probabilities, threshold).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples: the CI is undefined too
+            low, high = np.nanpercentile(samples[name], [tail, 100 - tail]) if resamples else (np.nan, np.nan)
+        result[name] = {"value": _rounded(value), "ci_low": _rounded(low), "ci_high": _rounded(high)}
+    return result
+
+
+def _rounded(value: float) -> float | None:
+    """JSON has no NaN: an undefined metric (e.g. precision with no positive calls) is written as null."""
+    return None if np.isnan(value) else round(float(value), 4)
+
+
+def roc_points(labels: np.ndarray, probabilities: np.ndarray) -> list[dict[str, float]]:
+    fpr, tpr, _ = roc_curve(labels, probabilities)
+    return [{"fpr": round(float(x), 5), "tpr": round(float(y), 5)} for x, y in zip(fpr, tpr)]
+
+
+def pr_points(labels: np.ndarray, probabilities: np.ndarray) -> list[dict[str, float]]:
+    precision, recall, _ = precision_recall_curve(labels, probabilities)
+    return [{"recall": round(float(r), 5), "precision": round(float(p), 5)} for r, p in zip(recall, precision)]
+
+
+def calibration_points(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> list[dict[str, float]]:
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(probabilities, edges[1:-1]), 0, bins - 1)
+    points = []
+    for b in range(bins):
+        in_bin = index == b
+        if in_bin.any():
+            points.append({"mean_predicted": round(float(probabilities[in_bin].mean()), 5),
+                           "fraction_positive": round(float(labels[in_bin].mean()), 5),
+                           "count": int(in_bin.sum())})
+    return points

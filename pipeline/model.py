@@ -1,0 +1,109 @@
+"""The CNN and its input pipeline. Preprocessing (resize, rescale) lives inside the model, so
+serving feeds raw greyscale pixels (0..255, float32, N x S x S x 1) exactly as preprocess stores them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "pneumonia_probability"
+
+
+def build_model(input_size: int, image_size: int, filters: list[int], dropout: float,
+                convs_per_block: int = 2) -> keras.Model:
+    """Conv blocks (conv-BN-ReLU x convs_per_block, then max-pool), global pooling, one sigmoid unit."""
+    if not filters:
+        raise ValueError("train.filters must list at least one block width")
+    if image_size < 2 ** len(filters):
+        raise ValueError(f"image_size {image_size} is too small for {len(filters)} pooling blocks")
+    inputs = keras.Input(shape=(input_size, input_size, 1), name=INPUT_NAME)
+    x = inputs
+    if image_size != input_size:
+        x = layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(x)
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+    for block, width in enumerate(filters, start=1):
+        for conv in range(1, convs_per_block + 1):
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}")(x)
+            x = layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            x = layers.ReLU(name=f"block{block}_relu{conv}")(x)
+        x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+    x = layers.GlobalAveragePooling2D(name="global_pool")(x)
+    x = layers.Dropout(dropout, name="dropout")(x)
+    outputs = layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(x)
+    return keras.Model(inputs, outputs, name="pneumonia_cnn")
+
+
+def last_conv_layer_name(model: keras.Model) -> str:
+    """The deepest convolution's activation, which Grad-CAM needs."""
+    names = [layer.name for layer in model.layers if layer.name.startswith("block") and "_relu" in layer.name]
+    if not names:
+        raise ValueError("model has no convolutional block")
+    return names[-1]
+
+
+def augment(image: tf.Tensor, seed: tf.Tensor, settings: dict[str, float]) -> tf.Tensor:
+    """Random geometry and exposure, from a stateless seed so every run draws the same numbers.
+
+    No horizontal flips: a mirrored chest (heart on the right) is not a plausible X-ray.
+    """
+    seeds = tf.random.experimental.stateless_split(seed, num=6)
+    size = tf.shape(image)[0]
+    angle = _uniform(seeds[0], settings.get("rotation_deg", 0.0)) * (math.pi / 180.0)
+    scale = 1.0 + _uniform(seeds[1], settings.get("zoom", 0.0))
+    shifts = _uniform(seeds[2], settings.get("shift", 0.0), shape=[2]) * tf.cast(size, tf.float32)
+    image = _affine(image, angle, scale, shifts)
+    brightness = _uniform(seeds[3], settings.get("brightness", 0.0)) * 255.0
+    contrast = 1.0 + _uniform(seeds[4], settings.get("contrast", 0.0))
+    log_gamma = _uniform(seeds[5], settings.get("gamma", 0.0))
+    mean = tf.reduce_mean(image)
+    image = (image - mean) * contrast + mean + brightness
+    image = 255.0 * tf.pow(tf.clip_by_value(image / 255.0, 0.0, 1.0), tf.exp(log_gamma))
+    return image
+
+
+def _uniform(seed: tf.Tensor, limit: float, shape: list[int] | None = None) -> tf.Tensor:
+    return tf.random.stateless_uniform(shape or [], seed=seed, minval=-limit, maxval=limit)
+
+
+def _affine(image: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor, shifts: tf.Tensor) -> tf.Tensor:
+    """Rotate by `angle`, zoom by `scale` and shift about the centre; uncovered pixels are black."""
+    size = tf.cast(tf.shape(image)[0], tf.float32)
+    centre = (size - 1.0) / 2.0
+    cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
+    out_x, out_y = centre + shifts[0], centre + shifts[1]
+    # The transform maps each output pixel to the input pixel it samples.
+    transform = tf.stack([cos, sin, centre - cos * out_x - sin * out_y,
+                          -sin, cos, centre + sin * out_x - cos * out_y, 0.0, 0.0])
+    size_int = tf.shape(image)[0:2]
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[tf.newaxis], transforms=transform[tf.newaxis], output_shape=size_int,
+        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+
+
+def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                 augmentation: dict[str, Any] | None = None) -> tf.data.Dataset:
+    """In-memory dataset of (float32 N x S x S x 1 raw pixels, float32 labels); shuffled and
+    augmented only when `augmentation` is given."""
+    features = images[..., np.newaxis]
+    dataset = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.float32)))
+    dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if augmentation is not None:
+        dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip((dataset, seeds)).map(
+            lambda pair, pair_seed: (augment(pair[0], pair_seed, augmentation), pair[1]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
+    counts = np.bincount(labels.astype(np.int64), minlength=2)
+    if (counts == 0).any():
+        raise ValueError(f"training labels miss a class: counts {counts.tolist()}")
+    return {label: float(len(labels) / (2 * count)) for label, count in enumerate(counts)}

@@ -1,0 +1,87 @@
+"""Score image files and folders with a registered model: `python -m pipeline.predict PATH... [--model-uri
+URI] [--output CSV]`. Writes path, probability of pneumonia and label at the model's stored threshold.
+
+Exit status: 0 all files scored; 1 some files could not be read (their rows carry the error, the
+rest are scored); 2 no usable model or no input files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from pipeline.common import setup_logging
+from pipeline.registry import ModelUnavailableError, TrackingUnavailableError, production_uri
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+COLUMNS = ["path", "probability_pneumonia", "label", "error"]
+
+
+def expand_paths(arguments: list[str]) -> list[Path]:
+    """Files as given, plus image files found (recursively, sorted) inside any folders given."""
+    paths = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(path)
+    return paths
+
+
+def write_csv(predictions: list, handle: TextIO) -> None:
+    writer = csv.writer(handle)
+    writer.writerow(COLUMNS)
+    for prediction in predictions:
+        probability = "" if prediction.probability is None else f"{prediction.probability:.6f}"
+        writer.writerow([prediction.path, probability, prediction.label or "", prediction.error or ""])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="image files (PNG, JPEG, DICOM) or folders of them")
+    parser.add_argument("--model-uri", default=None,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported model folder "
+                             "(default: the production alias in the project's MLflow store)")
+    parser.add_argument("--output", type=Path, default=None, help="CSV file to write (default: stdout)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    paths = expand_paths(args.paths)
+    if not paths:
+        log.error("no image files found in %s", " ".join(args.paths))
+        return 2
+    from pipeline.serving import Predictor  # TensorFlow loads only once the arguments are valid
+
+    uri = args.model_uri or production_uri()
+    try:
+        predictor = Predictor.from_uri(uri)
+    except (ModelUnavailableError, TrackingUnavailableError) as error:
+        log.error("%s", error)
+        return 2
+    predictions = predictor.predict_paths(paths)
+    failed = [p for p in predictions if p.error]
+    for prediction in failed:
+        log.warning("could not read %s: %s", prediction.path, prediction.error)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        with args.output.open("w", newline="", encoding="utf-8") as handle:
+            write_csv(predictions, handle)
+    else:
+        write_csv(predictions, sys.stdout)
+    log.info("scored %d of %d files with %s (threshold %.4f)", len(predictions) - len(failed), len(predictions),
+             uri, predictor.threshold)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

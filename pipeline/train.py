@@ -1,0 +1,167 @@
+"""Stage 3: train the CNN from scratch, keep the best epoch by validation AUC, log it all to MLflow."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from mlflow.models import infer_signature
+
+from pipeline.common import (
+    MODEL_DIR,
+    PREPARED_DIR,
+    REPORTS_DIR,
+    git_commit,
+    setup_logging,
+    sha256_file,
+    stage_params,
+    write_json,
+)
+from pipeline.model import balanced_class_weights, build_model, make_dataset
+from pipeline.preprocess import load_split
+from pipeline.registry import ensure_experiment
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = MODEL_DIR / "model.keras"
+RUN_FILE = MODEL_DIR / "train_run.json"
+HISTORY_FILE = REPORTS_DIR / "train_history.csv"
+TRAIN_METRICS_FILE = REPORTS_DIR / "train_metrics.json"
+
+
+def make_deterministic(seed: int) -> None:
+    """Same params, same machine, same data -> same weights: seed everything, deterministic kernels."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def dataset_digest(prepared_dir: Path) -> str:
+    return sha256_file(prepared_dir / "train.npz")[:16] + sha256_file(prepared_dir / "val.npz")[:16]
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Per-epoch metrics and throughput, to MLflow and to the history rows."""
+
+    def __init__(self, samples_per_epoch: int) -> None:
+        super().__init__()
+        self.samples_per_epoch = samples_per_epoch
+        self.rows: list[dict[str, float]] = []
+        self._started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        seconds = time.perf_counter() - self._started
+        row = {key: float(value) for key, value in (logs or {}).items()}
+        row.update(epoch=epoch + 1, seconds=seconds, images_per_second=self.samples_per_epoch / seconds)
+        self.rows.append(row)
+        mlflow.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=epoch + 1)
+        log.info("epoch %d: %s", epoch + 1, {key: round(value, 4) for key, value in row.items()})
+
+
+def fit(params: dict[str, Any], train: tuple, val: tuple, checkpoint: Path) -> tuple[Any, list[dict]]:
+    (train_x, train_y), (val_x, val_y) = train, val
+    model = build_model(train_x.shape[1], params["image_size"], params["filters"], params["dropout"],
+                        params.get("convs_per_block", 2))
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=params["learning_rate"]),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=params.get("label_smoothing", 0.0)),
+        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+    )
+    epoch_logger = EpochLogger(len(train_x))
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_auc", mode="max", save_best_only=True,
+                                        save_weights_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=params["patience"]),
+        epoch_logger,
+    ]
+    model.fit(
+        make_dataset(train_x, train_y, params["batch_size"], params["seed"], params.get("augment", {})),
+        validation_data=make_dataset(val_x, val_y, params["batch_size"], params["seed"]),
+        epochs=params["epochs"], class_weight=balanced_class_weights(train_y), callbacks=callbacks, verbose=0,
+    )
+    model.load_weights(checkpoint)
+    return model, epoch_logger.rows
+
+
+def log_model(model: Any, example: np.ndarray) -> Any:
+    """Log the model with signature and input example; requirements are pinned, not inferred (slow)."""
+    signature = infer_signature(example, model(example, training=False).numpy())
+    return mlflow.tensorflow.log_model(
+        model, name="model", signature=signature, input_example=example,
+        pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"],
+    )
+
+
+def write_history(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).set_index("epoch").to_csv(path)
+
+
+def save_atomically(model: Any, path: Path) -> None:
+    """A killed run must never leave a half-written model where later stages look for one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"partial-{path.name}")
+    model.save(partial)
+    os.replace(partial, path)
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    make_deterministic(params["seed"])
+    train, val = load_split("train"), load_split("val")
+    experiment_id = ensure_experiment()
+    started = time.perf_counter()
+    with mlflow.start_run(experiment_id=experiment_id, run_name="train") as active:
+        mlflow.log_params(flatten(params))
+        digest = dataset_digest(PREPARED_DIR)
+        mlflow.set_tags({"git_commit": git_commit(), "data_digest": digest, "stage": "train"})
+        mlflow.log_input(mlflow.data.from_numpy(train[0][:1], name="train", digest=digest), context="training")
+        with tempfile.TemporaryDirectory() as scratch:
+            model, rows = fit(params, train, val, Path(scratch) / "best.weights.h5")
+        wall = time.perf_counter() - started
+        best = max(rows, key=lambda row: row["val_auc"])
+        summary = {
+            "best_epoch": int(best["epoch"]), "epochs_run": len(rows), "best_val_auc": best["val_auc"],
+            "train_seconds": round(wall, 1),
+            "images_per_second": round(float(np.median([row["images_per_second"] for row in rows])), 1),
+            "parameters": int(model.count_params()),
+        }
+        mlflow.log_metrics({f"train_{key}": float(value) for key, value in summary.items()})
+        info = log_model(model, val[0][:1, ..., np.newaxis].astype(np.float32))
+    save_atomically(model, MODEL_FILE)
+    write_history(rows, HISTORY_FILE)
+    write_json(TRAIN_METRICS_FILE, summary)
+    write_json(RUN_FILE, {"run_id": active.info.run_id, "model_uri": info.model_uri,
+                          "experiment_id": experiment_id, "data_digest": digest})
+    return summary
+
+
+def main() -> None:
+    setup_logging()
+    summary = run(stage_params("train"))
+    log.info("trained: %s", summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Metric code: threshold rules, bootstrap CIs, calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.metrics import (
+    calibration_points,
+    choose_threshold,
+    expected_calibration_error,
+    metrics_with_ci,
+    point_metrics,
+)
+
+
+@pytest.fixture
+def scored():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(300), np.ones(700)].astype(int)
+    scores = np.clip(np.r_[rng.normal(0.3, 0.15, 300), rng.normal(0.7, 0.15, 700)], 0, 1)
+    return labels, scores
+
+
+def test_perfect_separation_gives_perfect_metrics():
+    labels = np.array([0, 0, 1, 1])
+    metrics = point_metrics(labels, np.array([0.1, 0.2, 0.8, 0.9]), threshold=0.5)
+    assert metrics["roc_auc"] == metrics["accuracy"] == metrics["sensitivity"] == metrics["specificity"] == 1.0
+    assert metrics["brier"] == pytest.approx((0.01 + 0.04 + 0.04 + 0.01) / 4)
+
+
+def test_sensitivity_rule_reaches_its_target(scored):
+    labels, scores = scored
+    threshold = choose_threshold(labels, scores, "sensitivity", target_sensitivity=0.95)
+    assert point_metrics(labels, scores, threshold)["sensitivity"] >= 0.95
+    slightly_higher = point_metrics(labels, scores, threshold + 1e-3)["sensitivity"]
+    assert slightly_higher < 0.95 or threshold >= 1.0
+
+
+def test_youden_rule_maximises_sensitivity_plus_specificity(scored):
+    labels, scores = scored
+    best = choose_threshold(labels, scores, "youden")
+    youden = lambda t: sum(point_metrics(labels, scores, t)[k] for k in ("sensitivity", "specificity"))
+    assert all(youden(best) >= youden(t) - 1e-9 for t in np.linspace(0.05, 0.95, 19))
+
+
+def test_unknown_rule_is_a_value_error(scored):
+    with pytest.raises(ValueError, match="threshold rule"):
+        choose_threshold(*scored, rule="magic")
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_is_reproducible(scored):
+    labels, scores = scored
+    first = metrics_with_ci(labels, scores, 0.5, resamples=200, seed=1)
+    assert first == metrics_with_ci(labels, scores, 0.5, resamples=200, seed=1)
+    for name, value in first.items():
+        assert value["ci_low"] <= value["value"] <= value["ci_high"], name
+    assert 0.0 < first["roc_auc"]["ci_high"] - first["roc_auc"]["ci_low"] < 0.1
+
+
+def test_calibration_error_is_small_for_calibrated_scores_and_large_otherwise():
+    rng = np.random.default_rng(0)
+    probabilities = rng.uniform(size=20000)
+    labels = (rng.uniform(size=20000) < probabilities).astype(int)
+    assert expected_calibration_error(labels, probabilities) < 0.02
+    assert expected_calibration_error(labels, probabilities ** 4) > 0.15
+    points = calibration_points(labels, probabilities)
+    assert len(points) == 10 and sum(point["count"] for point in points) == 20000
