@@ -32,16 +32,17 @@ def _refuse_deflated(data: bytes) -> None:
     from pydicom.filereader import read_dataset
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    # The file meta group is always explicit VR little endian; reading every element here means a
-    # group pydicom would have to re-read another way is refused as corrupt rather than misjudged.
+    # The file meta group is always explicit VR little endian, read here the way pydicom reads it.
     meta = read_dataset(
         io.BytesIO(data[DICOM_MAGIC_OFFSET + 4 :]),
         is_implicit_VR=False,
         is_little_endian=True,
         stop_when=lambda tag, vr, length: tag.group != 0x0002,
     )
-    syntax = {element.keyword: element.value for element in meta}.get("TransferSyntaxUID")
-    if str(syntax or "").strip("\x00 ") == DeflatedExplicitVRLittleEndian:
+    first = next(iter(meta.keys()), None)
+    if first is not None:
+        meta[first]  # pydicom re-reads the group as implicit VR if this fails: refuse such a file instead
+    if str(meta.get("TransferSyntaxUID", "")).strip("\x00 ") == DeflatedExplicitVRLittleEndian:
         raise ImageDecodeError(
             "DICOM with a deflate-compressed dataset cannot be decoded here: export it uncompressed or as PNG"
         )

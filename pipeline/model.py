@@ -30,7 +30,9 @@ def build_model(input_size: int, image_size: int, filters: list[int], dropout: f
     for block, width in enumerate(filters, start=1):
         for conv in range(1, convs_per_block + 1):
             x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}")(x)
-            x = layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            # momentum 0.9, not 0.99: with ~100 steps an epoch the moving statistics must settle within
+            # the first epoch, or validation (inference mode) sees saturated outputs and an AUC of 0.5.
+            x = layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn{conv}")(x)
             x = layers.ReLU(name=f"block{block}_relu{conv}")(x)
         x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
     x = layers.GlobalAveragePooling2D(name="global_pool")(x)

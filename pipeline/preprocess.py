@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import re
+import zipfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -171,7 +172,7 @@ def write_outputs(records: list[Record], images: dict, skipped: list[dict], out_
             raise ValueError(f"split '{split}' has no {', '.join(empty)} images left after decoding")
         stack = np.stack([images[record.file] for record in chosen])
         labels = np.array([record.label for record in chosen], dtype=np.uint8)
-        np.savez(out_dir / f"{split}.npz", images=stack, labels=labels)
+        save_arrays(out_dir / f"{split}.npz", images=stack, labels=labels)
         summary["splits"][split] = {
             "images": len(chosen),
             "patients": len({record.patient for record in chosen}),
@@ -180,6 +181,16 @@ def write_outputs(records: list[Record], images: dict, skipped: list[dict], out_
     _write_manifest(out_dir / "manifest.csv", kept)
     write_json(summary_path, summary)
     return summary
+
+
+def save_arrays(path: Path, **arrays: np.ndarray) -> None:
+    """An .npz that np.load reads, byte-identical for identical arrays: np.savez stamps the current
+    time into the zip, which would make DVC see new data (and retrain) after every rerun."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, array in arrays.items():
+            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(member, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.ascontiguousarray(array))
 
 
 def _write_manifest(path: Path, records: list[Record]) -> None:

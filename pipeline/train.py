@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -18,11 +19,9 @@ from mlflow.models import infer_signature
 
 from pipeline.common import (
     MODEL_DIR,
-    PREPARED_DIR,
     REPORTS_DIR,
     git_commit,
     setup_logging,
-    sha256_file,
     stage_params,
     write_json,
 )
@@ -55,8 +54,13 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def dataset_digest(prepared_dir: Path) -> str:
-    return sha256_file(prepared_dir / "train.npz")[:16] + sha256_file(prepared_dir / "val.npz")[:16]
+def dataset_digest(*splits: tuple[np.ndarray, np.ndarray]) -> str:
+    """Digest of the training and validation pixels and labels themselves (not of file bytes)."""
+    digest = hashlib.sha256()
+    for images, labels in splits:
+        digest.update(np.ascontiguousarray(images).tobytes())
+        digest.update(np.ascontiguousarray(labels).tobytes())
+    return digest.hexdigest()[:32]
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -134,7 +138,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     with mlflow.start_run(experiment_id=experiment_id, run_name="train") as active:
         mlflow.log_params(flatten(params))
-        digest = dataset_digest(PREPARED_DIR)
+        digest = dataset_digest(train, val)
         mlflow.set_tags({"git_commit": git_commit(), "data_digest": digest, "stage": "train"})
         mlflow.log_input(mlflow.data.from_numpy(train[0][:1], name="train", digest=digest), context="training")
         with tempfile.TemporaryDirectory() as scratch:

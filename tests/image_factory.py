@@ -139,3 +139,18 @@ def dicom(
     buffer = io.BytesIO()
     dataset.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def with_implicit_vr_meta(data: bytes) -> bytes:
+    """Re-encode a DICOM file's meta group as implicit VR, which the standard forbids but pydicom reads."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+    from pydicom.filewriter import write_dataset
+
+    source = io.BytesIO(data[132:])
+    meta = read_dataset(source, False, True, stop_when=lambda tag, vr, length: tag.group != 0x0002)
+    del meta[0x00020000]  # the group length would no longer match
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, True
+    write_dataset(out, meta)
+    return data[:132] + out.getvalue() + data[132 + source.tell() :]

@@ -118,9 +118,13 @@ def test_predict_cli_scores_files_and_reports_unreadable_ones(project, fixture_i
     assert "broken.png" in result.stderr
 
 
-def test_experiment_in_temp_workspace_logs_into_the_project_store(project):
+def test_train_param_change_reruns_from_train_and_logs_into_the_project_store(project):
     root, env = project
     runs_before = len(registry_rows(root, "select run_uuid from runs"))
-    run(["dvc", "exp", "run", "--temp", "-S", "train.dropout=0.2"], root, env)
+    result = run(["dvc", "exp", "run", "--temp", "-S", "train.dropout=0.2"], root, env)
+    output = result.stdout + result.stderr
+    # Only train and the stages after it rerun when only a train.* param changes.
+    assert "Running stage 'train'" in output and "Running stage 'register'" in output, output
+    assert "Running stage 'preprocess'" not in output and "Running stage 'download'" not in output, output
     assert len(registry_rows(root, "select run_uuid from runs")) == runs_before + 1
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
