@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import keras
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -21,15 +24,17 @@ from pipeline.evaluate import METRICS_FILE
 from pipeline.metrics import point_metrics
 from pipeline.preprocess import load_split
 from pipeline.registry import (
+    BUNDLE_ONNX,
     CARD_TAG,
+    ONNX_TAG,
     PRODUCTION_ALIAS,
     THRESHOLD_TAG,
     ModelUnavailableError,
     configure_tracking,
     load_serving_model,
 )
-from pipeline.serving import Scorer
-from pipeline.train import RUN_FILE
+from pipeline.serving import Scorer, convert_to_onnx
+from pipeline.train import MODEL_FILE, RUN_FILE
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,18 @@ def current_production_score(client: MlflowClient, name: str, metric: str) -> tu
     return version.version, point_metrics(labels, scores, serving.threshold)[metric]
 
 
+def log_onnx_twin(run_id: str) -> str | None:
+    """Convert the trained model to ONNX once, here, so that serving need not at every start."""
+    onnx_model = convert_to_onnx(keras.models.load_model(MODEL_FILE, compile=False, safe_mode=True))
+    if onnx_model is None:
+        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / BUNDLE_ONNX
+        path.write_bytes(onnx_model)
+        MlflowClient().log_artifact(run_id, str(path), artifact_path="onnx")
+    return f"runs:/{run_id}/onnx/{BUNDLE_ONNX}"
+
+
 def register(params: dict[str, Any]) -> dict[str, Any]:
     configure_tracking()
     client = MlflowClient()
@@ -82,6 +99,9 @@ def register(params: dict[str, Any]) -> dict[str, Any]:
         "data_digest": run["data_digest"],
         **{f"test_{key}": str(values["value"]) for key, values in report["test"].items()},
     }
+    onnx_artifact = log_onnx_twin(run["run_id"])
+    if onnx_artifact:
+        tags[ONNX_TAG] = onnx_artifact
     version = mlflow.register_model(run["model_uri"], name, tags=tags)
     promote = previous_score is None or new_score >= round(previous_score, 4)
     reason = _reason(promote, metric, new_score, previous_version, previous_score)

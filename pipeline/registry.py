@@ -25,6 +25,7 @@ EXPERIMENT_NAME = "pneumonia-screening"
 PRODUCTION_ALIAS = "production"
 THRESHOLD_TAG = "decision_threshold"
 CARD_TAG = "model_card"
+ONNX_TAG = "onnx_artifact"
 SERVER_TIMEOUT_S = 5.0
 
 
@@ -106,6 +107,7 @@ class ServingModel:
     threshold: float
     card: dict[str, Any] = field(default_factory=dict)
     uri: str = ""
+    onnx_model: bytes | None = None  # the same network as ONNX, stored beside it (serving.Scorer)
 
     @property
     def input_size(self) -> int:
@@ -114,6 +116,7 @@ class ServingModel:
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_MODEL = "model.keras"
+BUNDLE_ONNX = "model.onnx"
 
 
 def load_serving_model(uri: str | None = None) -> ServingModel:
@@ -140,7 +143,9 @@ def _load_bundle(folder: Path) -> ServingModel:
         threshold = float(meta["threshold"])
     except (OSError, ValueError, KeyError) as error:
         raise ModelUnavailableError(f"exported model in {folder} is unreadable: {error}") from error
-    return ServingModel(model, threshold, meta.get("card", {}), str(folder))
+    onnx_path = folder / BUNDLE_ONNX
+    onnx_model = onnx_path.read_bytes() if onnx_path.is_file() else None
+    return ServingModel(model, threshold, meta.get("card", {}), str(folder), onnx_model)
 
 
 def _load_registered(uri: str) -> ServingModel:
@@ -167,7 +172,21 @@ def _load_registered(uri: str) -> ServingModel:
         raise ModelUnavailableError(f"{uri} (version {version.version}) has no '{THRESHOLD_TAG}' tag")
     card = json.loads(version.tags.get(CARD_TAG, "{}"))
     card.update({"registered_name": version.name, "version": version.version})
-    return ServingModel(keras_model, threshold, card, uri)
+    return ServingModel(keras_model, threshold, card, uri, _registered_onnx(version))
+
+
+def _registered_onnx(version: Any) -> bytes | None:
+    """The ONNX twin logged at registration, if any; serving converts afresh without it."""
+    import mlflow
+
+    artifact = version.tags.get(ONNX_TAG)
+    if not artifact:
+        return None
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact)).read_bytes()
+    except Exception as error:  # noqa: BLE001 (a missing twin only costs a conversion)
+        log.warning("ONNX artefact %s unavailable (%s): it will be converted again", artifact, error)
+        return None
 
 
 def resolve_version(client: Any, uri: str) -> Any:

@@ -1,0 +1,93 @@
+"""The app in a real browser: Debian's Chromium driven by Playwright uploads an X-ray and waits for the
+result and the Grad-CAM image, then clicks an example. Skipped only where /usr/bin/chromium is absent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_app import (  # noqa: F401 (the fixtures are used by name)
+    EXAMPLES,
+    KERAS_SAVE_WARNING,
+    app_module,
+    launched,
+    service,
+    tiny_bundle,
+)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+TIMEOUT_MS = 60_000  # generous: two busy cores
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.filterwarnings(KERAS_SAVE_WARNING),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                     "(apt-get install chromium)"),
+]
+
+
+@pytest.fixture(scope="module")
+def app_url(app_module, service) -> Iterator[str]:  # noqa: F811 (fixtures imported above)
+    demo = app_module.create_demo(service=service)
+    try:
+        yield launched(demo)
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    context = browser.new_context(viewport={"width": 1280, "height": 1400})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_url)
+    page.get_by_text("Not a medical device.").first.wait_for()
+    yield page
+    context.close()
+
+
+def wait_for_result(page) -> None:
+    page.locator("#result-label").get_by_text("probability of pneumonia").first.wait_for()
+    page.locator("#gradcam img").first.wait_for(state="visible")
+
+
+def test_upload_shows_label_heatmap_and_model_card(page, tmp_path):
+    page.locator("#upload input[type=file]").set_input_files(str(EXAMPLES[0]))
+    wait_for_result(page)
+    assert page.locator("#status").get_by_text("Scored 1 of 1 file").is_visible()
+    assert page.locator("#model-card").get_by_text("tiny-test-model version 7").is_visible()
+    shot = tmp_path / "app.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_example_runs_in_one_click(page):
+    page.get_by_text("Pneumonia (viral)").first.click()
+    wait_for_result(page)
+    from playwright.sync_api import expect
+
+    # The table also renders hidden copies of its cells (to measure them): look at its text instead.
+    expect(page.locator("#results")).to_contain_text(EXAMPLES[-1].name, timeout=TIMEOUT_MS)
+
+
+def test_non_image_upload_shows_our_message(page, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an X-ray")
+    page.locator("#upload input[type=file]").set_input_files(str(notes))
+    page.locator("#status").get_by_text("not a recognised image").first.wait_for()
