@@ -13,10 +13,12 @@ Research demo: not a medical device, not for diagnosis.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 import numpy as np
 import pandas as pd
+from gradio.utils import NamedString, get_upload_folder
 from PIL import Image
 
 from pipeline.common import setup_logging
@@ -69,6 +72,7 @@ CONCURRENCY = 1
 QUEUE_SIZE = 32
 # Every minute, delete uploads and rendered heatmaps older than five minutes.
 DELETE_CACHE = (60, 300)
+UPLOAD_TTL_ENV = "PNEUMONIA_UPLOAD_TTL_S"  # another age in seconds, swept every min(60, age) seconds
 
 # The plausibility checks (see CHECKS_TEXT); they catch obvious mistakes, nothing more.
 COLOUR_SPREAD_LIMIT = 32.0  # mean of max-min over R, G, B per pixel, on 0..255
@@ -311,9 +315,42 @@ def model_panel(service: ModelService) -> str:
     return f"{card_markdown(serving.card, serving.threshold)}\n\n*Served from `{source}`.*"
 
 
+class UploadBox(gr.File):
+    """`gr.File`, less a Gradio 6.31 leak: with type="filepath" its preprocessing opens an empty
+    `NamedTemporaryFile(delete=False)` in the upload cache for every file of every request, and nothing
+    ever deletes it (`delete_cache` tracks only the files Gradio hands out). The path passed on is the
+    upload's own cached copy, exactly as before."""
+
+    is_template = True  # drawn by the frontend's File component, as a gr.File
+
+    def _process_single_file(self, f: Any) -> Any:
+        if self.type == "filepath" and not self.file_types:
+            return NamedString(f.path)
+        return super()._process_single_file(f)
+
+
+def upload_cache_policy() -> tuple[int, int]:
+    """Gradio's `delete_cache` (every `frequency` seconds, delete files older than `age` seconds):
+    DELETE_CACHE, or the age set by env PNEUMONIA_UPLOAD_TTL_S (whole seconds, >= 1), swept every
+    min(60, age) seconds, so nothing uploaded outlives about twice that age."""
+    value = os.environ.get(UPLOAD_TTL_ENV, "").strip()
+    if not value:
+        return DELETE_CACHE
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{UPLOAD_TTL_ENV} must be a whole number of seconds, at least 1; got {value!r}")
+    age = int(value)
+    return min(DELETE_CACHE[0], age), age
+
+
 def create_demo(model_uri: str | None = None, *, service: ModelService | None = None,
                 max_file_bytes: int = DEFAULT_MAX_FILE_MB * 1_000_000) -> gr.Blocks:
-    """Build the app around one loaded model (`service`, or loaded here from `model_uri`)."""
+    """Build the app around one loaded model (`service`, or loaded here from `model_uri`).
+
+    Uploads and rendered heatmaps are deleted from Gradio's cache (`GRADIO_TEMP_DIR`) once older than
+    five minutes, checked every minute; env PNEUMONIA_UPLOAD_TTL_S sets another age (see
+    `upload_cache_policy`).
+    """
+    delete_cache = upload_cache_policy()  # a bad setting fails before the (slow) model load
     service = service or load_service(model_uri)
 
     def on_predict(paths: str | list[str] | None) -> tuple[Any, Any, pd.DataFrame, str]:
@@ -334,10 +371,11 @@ def create_demo(model_uri: str | None = None, *, service: ModelService | None = 
                  1000 * (time.perf_counter() - started))
         if failed:
             gr.Warning(f"{failed} of {len(outcome.results)} file(s) could not be scored: see the table.")
-        return outcome.label, outcome.overlay, outcome.table(), outcome.status
+        overlay = None if outcome.overlay is None else heatmap_file(outcome.overlay)
+        return outcome.label, overlay, outcome.table(), outcome.status
 
     with gr.Blocks(title="Pneumonia screening (research demo)", analytics_enabled=False,
-                   delete_cache=DELETE_CACHE) as demo:
+                   delete_cache=delete_cache) as demo:
         gr.Markdown(HEADER.format(max_mb=f"{max_file_bytes / 1e6:.0f}"))
         if not service.ready:
             gr.Markdown(no_model_markdown(service), elem_id="no-model")
@@ -345,8 +383,8 @@ def create_demo(model_uri: str | None = None, *, service: ModelService | None = 
             with gr.Column():
                 # Not gr.Image, and no file_types filter: every upload reaches our own checks, so a
                 # wrong file gets a specific message (and extension-less DICOM files still work).
-                files = gr.File(label="Chest X-rays (PNG, JPEG or DICOM)", file_count="multiple",
-                                type="filepath", elem_id="upload")
+                files = UploadBox(label="Chest X-rays (PNG, JPEG or DICOM)", file_count="multiple",
+                                  type="filepath", elem_id="upload")
                 run = gr.Button("Screen", variant="primary", interactive=service.ready)
                 gr.Markdown(CHECKS_TEXT)
             with gr.Column():
@@ -368,13 +406,37 @@ def create_demo(model_uri: str | None = None, *, service: ModelService | None = 
         # Two API endpoints: /predict takes one file (`client.predict(handle_file(path), api_name="/predict")`),
         # /predict_files a list. The one-file input is never shown; it only gives /predict its type.
         # All share one concurrency group, so the queue's limit bounds the model's work, not each event's.
-        single = gr.File(file_count="single", type="filepath", visible=False)
+        single = UploadBox(file_count="single", type="filepath", visible=False)
         single.upload(on_predict, inputs=[single], outputs=outputs, api_name="predict", concurrency_id="model")
         run.click(on_predict, inputs=[files], outputs=outputs, api_name="predict_files", concurrency_id="model")
         files.change(on_predict, inputs=[files], outputs=outputs, api_visibility="private",
                      concurrency_id="model")
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
+
+
+def heatmap_file(overlay: np.ndarray) -> str:
+    """The overlay as a PNG in Gradio's cache, written once and atomically.
+
+    Returning the array would let Gradio 6.31 save it under a content-hash name by rewriting the file in
+    place, so a second request for the same image truncates the PNG while a first client downloads it
+    (29 of 1,600 requests under load). A file already in the cache is served as it is, and swept by
+    `delete_cache` like every upload.
+    """
+    buffer = io.BytesIO()
+    Image.fromarray(overlay).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    folder = Path(get_upload_folder()) / hashlib.sha256(data).hexdigest()
+    target = folder / "gradcam.png"
+    if target.exists():
+        os.utime(target)  # the sweep ages files by their times: this one was just served again
+        return str(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(dir=folder, suffix=".partial")
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+    os.replace(staging, target)
+    return str(target)
 
 
 def _example_label(path: Path) -> str:

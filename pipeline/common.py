@@ -7,7 +7,11 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +123,54 @@ def write_json(path: Path, payload: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (as sent by `kill`, or to a stopped `dvc repro`'s process group), raised in the main thread.
+
+    A KeyboardInterrupt, so `except Exception` never swallows it, while `with` blocks and `finally` clauses
+    still run: an MLflow run is ended instead of being left RUNNING, partial files are removed.
+    """
+
+
+def raise_on_sigterm() -> Any:
+    """Turn the first SIGTERM into `Terminated`; a second one kills the process at once, as by default.
+
+    Returns the previous handler (None outside the main thread, where handlers cannot be set).
+    """
+
+    def handler(signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (library messages often span several), for a log line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+@contextmanager
+def stage_errors(logger: logging.Logger, *expected: type[BaseException]) -> Iterator[None]:
+    """How a stage's `main()` ends on the failures it expects: one clear log line and exit status 1 for
+    `expected` (e.g. an unreachable MLflow store), 143 for SIGTERM, never a traceback. Anything else is
+    a bug and keeps its traceback. The previous SIGTERM handler is restored on the way out.
+
+        with stage_errors(log, TrackingUnavailableError):
+            ...
+    """
+    previous = raise_on_sigterm()
+    try:
+        yield
+    except Terminated as error:
+        logger.error("%s; outputs of this stage are incomplete: run it again", error)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except expected as error:
+        logger.error("%s", one_line(error))
+        raise SystemExit(1) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -7,12 +7,24 @@ returned, logged or stored.
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 
 from pipeline.imaging import DICOM_MAGIC_OFFSET, MAX_PIXELS, ImageDecodeError, describe, stretch_to_uint8
 
 COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422")
+# pydicom logs each decoding plugin that fails on a frame as an ERROR with a full traceback, then raises
+# the RuntimeError that `_pixel_array` turns into a clear message: that traceback is noise in the
+# app's and the predict CLI's logs (a compressed upload is bad input, not a server fault).
+PYDICOM_DECODER_LOGGER = "pydicom.pixels.decoders.base"
+
+
+def _without_plugin_traceback(record: logging.LogRecord) -> bool:
+    return record.exc_info is None
+
+
+logging.getLogger(PYDICOM_DECODER_LOGGER).addFilter(_without_plugin_traceback)  # (added once: same object)
 
 
 def decode_dicom(data: bytes) -> np.ndarray:

@@ -560,20 +560,25 @@ def prepare_raw_data(
 
 
 def main() -> None:
+    from pipeline.common import stage_errors
+
     setup_logging()
     params = stage_params("data")
     root = persistent_root()
-    try:
-        limits = ExtractionLimits(
-            max_members=_positive_int(params, "max_members", DEFAULT_MAX_MEMBERS),
-            max_bytes=_positive_int(params, "max_extracted_bytes", DEFAULT_MAX_EXTRACTED_BYTES),
-        )
-        prepare_raw_data(
-            params.get("source"), params.get("sha256"), RAW_DIR, root / DOWNLOAD_DIR, root=root, limits=limits
-        )
-    except DownloadError as error:
-        log.error("%s", error)
-        raise SystemExit(1) from None
+    # SIGTERM becomes an exception, so the `.partial` download and staging folder are removed on the way out.
+    with stage_errors(log):
+        try:
+            limits = ExtractionLimits(
+                max_members=_positive_int(params, "max_members", DEFAULT_MAX_MEMBERS),
+                max_bytes=_positive_int(params, "max_extracted_bytes", DEFAULT_MAX_EXTRACTED_BYTES),
+            )
+            prepare_raw_data(
+                params.get("source"), params.get("sha256"), RAW_DIR, root / DOWNLOAD_DIR, root=root,
+                limits=limits,
+            )
+        except DownloadError as error:
+            log.error("%s", error)  # several lines on purpose: the offline hint lists the options
+            raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -17,9 +17,18 @@ import mlflow
 import numpy as np
 
 from pipeline.common import CLASS_NAMES, REPORTS_DIR, read_json, setup_logging, stage_params, write_json
-from pipeline.metrics import calibration_points, choose_threshold, metrics_with_ci, pr_points, roc_points
+from pipeline.metrics import (
+    apply_temperature,
+    calibration_points,
+    choose_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    metrics_with_ci,
+    pr_points,
+    roc_points,
+)
 from pipeline.preprocess import load_split
-from pipeline.registry import THRESHOLD_TAG, configure_tracking
+from pipeline.registry import TEMPERATURE_TAG, THRESHOLD_TAG, configure_tracking
 from pipeline.serving import Scorer
 from pipeline.train import MODEL_FILE, RUN_FILE
 
@@ -34,16 +43,20 @@ FIGURES_DIR = REPORTS_DIR / "figures"
 
 
 def evaluate(scorer: Scorer, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Calibrate and choose the threshold on validation only; then measure the test split once."""
     val_images, val_labels = load_split("val")
     test_images, test_labels = load_split("test")
-    val_scores = scorer.probabilities(val_images)
-    test_scores = scorer.probabilities(test_images)
+    raw_val, raw_test = scorer.probabilities(val_images), scorer.probabilities(test_images)
+    temperature = fit_temperature(val_labels, raw_val) if params.get("calibration") == "temperature" else 1.0
+    val_scores, test_scores = apply_temperature(raw_val, temperature), apply_temperature(raw_test, temperature)
     threshold = choose_threshold(val_labels, val_scores, params["threshold_rule"],
                                  params.get("target_sensitivity", 0.95))
     resamples, seed = params["bootstrap_resamples"], params["seed"]
     report = {
         "threshold": round(threshold, 6),
         "threshold_rule": params["threshold_rule"],
+        "temperature": round(temperature, 4),
+        "test_ece_before_calibration": round(expected_calibration_error(test_labels, raw_test), 4),
         "test": metrics_with_ci(test_labels, test_scores, threshold, resamples, seed),
         "val": metrics_with_ci(val_labels, val_scores, threshold, resamples, seed),
         "test_images": len(test_labels),
@@ -111,7 +124,8 @@ def _save(figure: Any, path: Path) -> Path:
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
-    flat = {"decision_threshold": report["threshold"]}
+    flat = {"decision_threshold": report["threshold"], "temperature": report["temperature"],
+            "test_ece_before_calibration": report["test_ece_before_calibration"]}
     for split in ("test", "val"):
         for name, values in report[split].items():
             for key, value in values.items():
@@ -126,6 +140,7 @@ def log_to_training_run(report: dict[str, Any], figures: list[Path]) -> None:
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics({k: v for k, v in flat_metrics(report).items() if v is not None})
         mlflow.set_tag(THRESHOLD_TAG, str(report["threshold"]))
+        mlflow.set_tag(TEMPERATURE_TAG, str(report["temperature"]))
         mlflow.set_tag("threshold_rule", report["threshold_rule"])
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="evaluation")
@@ -133,14 +148,19 @@ def log_to_training_run(report: dict[str, Any], figures: list[Path]) -> None:
 
 
 def main() -> None:
+    from pipeline.common import stage_errors
+    from pipeline.registry import TrackingUnavailableError
+
     setup_logging()
-    params = stage_params("evaluate")
-    scorer = Scorer(keras.models.load_model(MODEL_FILE, compile=False, safe_mode=True))
-    report, test = evaluate(scorer, params)
-    write_json(METRICS_FILE, report)
-    write_plot_data(test["labels"], test["scores"], report["threshold"], PLOTS_DIR)
-    figures = draw_figures(test["labels"], test["scores"], report, FIGURES_DIR)
-    log_to_training_run(report, figures)
+    with stage_errors(log, TrackingUnavailableError):
+        configure_tracking()  # first: an unreachable store fails in seconds, not after scoring and plotting
+        params = stage_params("evaluate")
+        scorer = Scorer(keras.models.load_model(MODEL_FILE, compile=False, safe_mode=True))
+        report, test = evaluate(scorer, params)
+        write_json(METRICS_FILE, report)
+        write_plot_data(test["labels"], test["scores"], report["threshold"], PLOTS_DIR)
+        figures = draw_figures(test["labels"], test["scores"], report, FIGURES_DIR)
+        log_to_training_run(report, figures)
     log.info("threshold %.4f; test %s", report["threshold"],
              {name: values["value"] for name, values in report["test"].items()})
 

@@ -85,6 +85,7 @@ def export(model_uri: str, dest: Path, force: bool = False) -> Path:
         write_json(staging / BUNDLE_FILE, {
             "format": BUNDLE_FORMAT,
             "threshold": float(serving.threshold),
+            "temperature": float(serving.temperature),
             "card": card,
             "input_size": serving.input_size,
             "exported_from": model_uri,

@@ -47,7 +47,10 @@ def _check_size(size: int, max_bytes: int) -> None:
     if size == 0:
         raise ImageDecodeError("empty file (0 bytes)")
     if size > max_bytes:
-        raise ImageDecodeError(f"file is {_format_bytes(size)}, over the {_format_bytes(max_bytes)} limit")
+        actual, limit = _format_bytes(size), _format_bytes(max_bytes)
+        if actual == limit:  # just over the cap: rounded, both would read the same ("52.4 MB, over 52.4 MB")
+            actual, limit = f"{size:,} bytes", f"{max_bytes:,}-byte"
+        raise ImageDecodeError(f"file is {actual}, over the {limit} limit")
 
 
 def _format_bytes(count: int) -> str:

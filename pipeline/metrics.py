@@ -116,3 +116,28 @@ def calibration_points(labels: np.ndarray, probabilities: np.ndarray, bins: int 
                            "fraction_positive": round(float(labels[in_bin].mean()), 5),
                            "count": int(in_bin.sum())})
     return points
+
+
+def _logits(probabilities: np.ndarray) -> np.ndarray:
+    clipped = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(clipped / (1 - clipped))
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """Rescale confidence: sigmoid(logit(p) / T). T > 1 softens an over-confident model; order is kept."""
+    return 1.0 / (1.0 + np.exp(-_logits(probabilities) / temperature))
+
+
+def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """The temperature minimising the validation log-loss (Guo et al. 2017, temperature scaling)."""
+    from scipy.optimize import minimize_scalar
+
+    labels = np.asarray(labels, dtype=np.float64)
+    logits = _logits(probabilities)
+
+    def negative_log_likelihood(log_temperature: float) -> float:
+        scaled = logits / np.exp(log_temperature)
+        return float(np.mean(np.logaddexp(0.0, -scaled) * labels + np.logaddexp(0.0, scaled) * (1 - labels)))
+
+    result = minimize_scalar(negative_log_likelihood, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(result.x))

@@ -15,9 +15,18 @@ INPUT_NAME = "pixels"
 OUTPUT_NAME = "pneumonia_probability"
 
 
+NORMALIZATIONS = ("none", "per_image")
+
+
 def build_model(input_size: int, image_size: int, filters: list[int], dropout: float,
-                convs_per_block: int = 2) -> keras.Model:
-    """Conv blocks (conv-BN-ReLU x convs_per_block, then max-pool), global pooling, one sigmoid unit."""
+                convs_per_block: int = 2, normalization: str = "none") -> keras.Model:
+    """Conv blocks (conv-BN-ReLU x convs_per_block, then max-pool), global pooling, one sigmoid unit.
+
+    normalization "per_image" standardises each image to zero mean and unit variance, so a darker or
+    flatter exposure reaches the convolutions looking like any other.
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization '{normalization}': use one of {NORMALIZATIONS}")
     if not filters:
         raise ValueError("train.filters must list at least one block width")
     if image_size < 2 ** len(filters):
@@ -27,6 +36,10 @@ def build_model(input_size: int, image_size: int, filters: list[int], dropout: f
     if image_size != input_size:
         x = layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(x)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+    if normalization == "per_image":
+        # A built-in layer (not a Lambda): models must load in Keras safe mode and convert to ONNX.
+        x = layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, epsilon=1e-5,
+                                      name="per_image_standardise")(x)
     for block, width in enumerate(filters, start=1):
         for conv in range(1, convs_per_block + 1):
             x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}")(x)
@@ -54,7 +67,7 @@ def augment(image: tf.Tensor, seed: tf.Tensor, settings: dict[str, float]) -> tf
 
     No horizontal flips: a mirrored chest (heart on the right) is not a plausible X-ray.
     """
-    seeds = tf.random.experimental.stateless_split(seed, num=6)
+    seeds = tf.random.experimental.stateless_split(seed, num=8)
     size = tf.shape(image)[0]
     angle = _uniform(seeds[0], settings.get("rotation_deg", 0.0)) * (math.pi / 180.0)
     scale = 1.0 + _uniform(seeds[1], settings.get("zoom", 0.0))
@@ -66,7 +79,10 @@ def augment(image: tf.Tensor, seed: tf.Tensor, settings: dict[str, float]) -> tf
     mean = tf.reduce_mean(image)
     image = (image - mean) * contrast + mean + brightness
     image = 255.0 * tf.pow(tf.clip_by_value(image / 255.0, 0.0, 1.0), tf.exp(log_gamma))
-    return image
+    # Sensor noise of a random strength up to `noise` (in grey levels).
+    noise_level = tf.abs(_uniform(seeds[6], settings.get("noise", 0.0)))
+    image = image + noise_level * tf.random.stateless_normal(tf.shape(image), seed=seeds[7])
+    return tf.clip_by_value(image, 0.0, 255.0)
 
 
 def _uniform(seed: tf.Tensor, limit: float, shape: list[int] | None = None) -> tf.Tensor:

@@ -14,25 +14,43 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.common import setup_logging
+from pipeline.common import one_line, setup_logging
+from pipeline.imaging import DICOM_MAGIC_OFFSET, is_dicom
 from pipeline.registry import ModelUnavailableError, TrackingUnavailableError, production_uri
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
 COLUMNS = ["path", "probability_pneumonia", "label", "error"]
 
 
 def expand_paths(arguments: list[str]) -> list[Path]:
-    """Files as given, plus image files found (recursively, sorted) inside any folders given."""
+    """Files as given, plus the image files found (recursively, sorted) inside any folders given: by
+    extension, or by the DICOM marker for files without one (scanners often write none)."""
     paths = []
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _looks_like_image(p))
+            skipped = sum(1 for p in path.rglob("*") if p.is_file()) - len(found)
+            if skipped:
+                log.info("%d files in %r are not images by name or content: skipped", skipped, str(path))
+            paths += found
         else:
             paths.append(path)
     return paths
+
+
+def _looks_like_image(path: Path) -> bool:
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    if path.suffix or path.name.startswith("."):
+        return False
+    try:
+        with path.open("rb") as handle:
+            return is_dicom(handle.read(DICOM_MAGIC_OFFSET + 4))
+    except OSError:
+        return False
 
 
 def write_csv(predictions: list, handle: TextIO) -> None:
@@ -66,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = Predictor.from_uri(uri)
     except (ModelUnavailableError, TrackingUnavailableError) as error:
-        log.error("%s", error)
+        log.error("%s", one_line(error))  # one line: the cause, not a traceback
         return 2
     predictions = predictor.predict_paths(paths)
     failed = [p for p in predictions if p.error]
     for prediction in failed:
-        log.warning("could not read %s: %s", prediction.path, prediction.error)
+        log.warning("could not read %r: %s", prediction.path, prediction.error)  # %r: names may hold newlines
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with args.output.open("w", newline="", encoding="utf-8") as handle:

@@ -208,12 +208,15 @@ def load_split(split: str, prepared_dir: Path = PREPARED_DIR) -> tuple[np.ndarra
 
 
 def main() -> None:
+    from pipeline.common import stage_errors
+
     setup_logging()
-    params = stage_params("preprocess")
-    records = assign_splits(RAW_DIR, params["val_fraction"], params["test_fraction"], params["seed"])
-    images, skipped = decode_all(records, RAW_DIR, params["image_size"], params.get("workers", 2))
-    summary = write_outputs(records, images, skipped, PREPARED_DIR, REPORTS_DIR / "data_summary.json",
-                            params["image_size"])
+    with stage_errors(log):  # SIGTERM: a clear line and exit status 143, not a traceback
+        params = stage_params("preprocess")
+        records = assign_splits(RAW_DIR, params["val_fraction"], params["test_fraction"], params["seed"])
+        images, skipped = decode_all(records, RAW_DIR, params["image_size"], params.get("workers", 2))
+        summary = write_outputs(records, images, skipped, PREPARED_DIR, REPORTS_DIR / "data_summary.json",
+                                params["image_size"])
     log.info("prepared %s; skipped %d files", summary["splits"], len(skipped))
 
 

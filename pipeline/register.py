@@ -1,9 +1,10 @@
 """Stage 5: register the trained model as a new version; move the `production` alias to it only when
-it is at least as good as the current production version on the same (current) test split.
+it is at least as good as the current production version on the same data, re-scored today.
 
-The deciding metric is `register.promotion_metric` (default test ROC-AUC: threshold-free, so models
-with different thresholds compare fairly). The decision is kept as version tags and in
-`reports/registry.json`.
+The deciding metric is `register.promotion_metric` on `register.promotion_split` (default: ROC-AUC,
+threshold-free so models with different thresholds compare fairly, on the validation split: choosing
+between models is selection, and nothing is selected on the test split). The decision is kept as
+version tags, in the version's description and in `reports/registry.json`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.common import REPORTS_DIR, git_commit, read_json, setup_logging, stage_params, write_json
+from pipeline.common import (
+    REPORTS_DIR,
+    git_commit,
+    read_json,
+    setup_logging,
+    stage_errors,
+    stage_params,
+    write_json,
+)
 from pipeline.evaluate import METRICS_FILE
 from pipeline.metrics import point_metrics
 from pipeline.preprocess import load_split
@@ -28,8 +37,10 @@ from pipeline.registry import (
     CARD_TAG,
     ONNX_TAG,
     PRODUCTION_ALIAS,
+    TEMPERATURE_TAG,
     THRESHOLD_TAG,
     ModelUnavailableError,
+    TrackingUnavailableError,
     configure_tracking,
     load_serving_model,
 )
@@ -50,13 +61,15 @@ def model_card(run: dict[str, Any], report: dict[str, Any], run_info: Any) -> di
         "data_digest": run["data_digest"],
         "threshold": report["threshold"],
         "threshold_rule": report["threshold_rule"],
+        "temperature": report.get("temperature", 1.0),
         "test_images": report["test_images"],
         "test_metrics": report["test"],
     }
 
 
-def current_production_score(client: MlflowClient, name: str, metric: str) -> tuple[str | None, float | None]:
-    """(version, metric on today's test split) of the current production model, or (None, None)."""
+def current_production_score(client: MlflowClient, name: str, metric: str,
+                             split: str) -> tuple[str | None, float | None]:
+    """(version, metric on today's `split`) of the current production model, or (None, None)."""
     try:
         version = client.get_model_version_by_alias(name, PRODUCTION_ALIAS)
     except MlflowException:
@@ -66,8 +79,8 @@ def current_production_score(client: MlflowClient, name: str, metric: str) -> tu
     except ModelUnavailableError as error:
         log.warning("production version %s cannot be loaded (%s): it will be replaced", version.version, error)
         return version.version, None
-    images, labels = load_split("test")
-    scores = Scorer(serving.keras_model).probabilities(images)
+    images, labels = load_split(split)
+    scores = Scorer(serving.keras_model, serving.onnx_model, serving.temperature).probabilities(images)
     return version.version, point_metrics(labels, scores, serving.threshold)[metric]
 
 
@@ -86,14 +99,17 @@ def log_onnx_twin(run_id: str) -> str | None:
 def register(params: dict[str, Any]) -> dict[str, Any]:
     configure_tracking()
     client = MlflowClient()
-    name, metric = params["model_name"], params["promotion_metric"]
+    name, metric, split = params["model_name"], params["promotion_metric"], params["promotion_split"]
+    if split not in ("val", "test"):
+        raise ValueError(f"register.promotion_split must be val or test, got '{split}'")
     run, report = read_json(RUN_FILE), read_json(METRICS_FILE)
     card = model_card(run, report, client.get_run(run["run_id"]))
-    previous_version, previous_score = current_production_score(client, name, metric)
-    new_score = report["test"][metric]["value"]
+    previous_version, previous_score = current_production_score(client, name, metric, split)
+    new_score = report[split][metric]["value"]
 
     tags = {
         THRESHOLD_TAG: str(report["threshold"]),
+        TEMPERATURE_TAG: str(report.get("temperature", 1.0)),
         CARD_TAG: json.dumps(card, sort_keys=True),
         "git_commit": card["git_commit"],
         "data_digest": run["data_digest"],
@@ -104,14 +120,14 @@ def register(params: dict[str, Any]) -> dict[str, Any]:
         tags[ONNX_TAG] = onnx_artifact
     version = mlflow.register_model(run["model_uri"], name, tags=tags)
     promote = previous_score is None or new_score >= round(previous_score, 4)
-    reason = _reason(promote, metric, new_score, previous_version, previous_score)
+    reason = _reason(promote, f"{split} {metric}", new_score, previous_version, previous_score)
     client.update_model_version(name, version.version, description=_description(card, reason))
     client.set_model_version_tag(name, version.version, "promotion_decision", reason)
     if promote:
         client.set_registered_model_alias(name, PRODUCTION_ALIAS, version.version)
     decision = {
         "model_name": name, "version": version.version, "promoted": promote, "reason": reason,
-        "metric": metric, "score": new_score, "previous_production_version": previous_version,
+        "metric": metric, "split": split, "score": new_score, "previous_production_version": previous_version,
         "previous_production_score": previous_score, "registered_by_commit": git_commit(),
     }
     write_json(DECISION_FILE, decision)
@@ -120,11 +136,11 @@ def register(params: dict[str, Any]) -> dict[str, Any]:
 
 def _reason(promote: bool, metric: str, new: float, old_version: str | None, old: float | None) -> str:
     if old_version is None:
-        return f"promoted: first production version (test {metric} {new:.4f})"
+        return f"promoted: first production version ({metric} {new:.4f})"
     if old is None:
         return f"promoted: production version {old_version} could not be loaded"
     verdict = "promoted" if promote else f"kept version {old_version}"
-    return f"{verdict}: test {metric} {new:.4f} vs production v{old_version} {old:.4f} on the same test split"
+    return f"{verdict}: {metric} {new:.4f} vs production v{old_version} {old:.4f} on the same images"
 
 
 def _description(card: dict[str, Any], reason: str) -> str:
@@ -144,7 +160,8 @@ def _number(value: float | None) -> str:
 
 def main() -> None:
     setup_logging()
-    decision = register(stage_params("register"))
+    with stage_errors(log, TrackingUnavailableError, ModelUnavailableError):
+        decision = register(stage_params("register"))
     log.info("registered %s version %s: %s", decision["model_name"], decision["version"], decision["reason"])
 
 

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 EXPERIMENT_NAME = "pneumonia-screening"
 PRODUCTION_ALIAS = "production"
 THRESHOLD_TAG = "decision_threshold"
+TEMPERATURE_TAG = "temperature"
 CARD_TAG = "model_card"
 ONNX_TAG = "onnx_artifact"
 SERVER_TIMEOUT_S = 5.0
@@ -108,6 +109,7 @@ class ServingModel:
     card: dict[str, Any] = field(default_factory=dict)
     uri: str = ""
     onnx_model: bytes | None = None  # the same network as ONNX, stored beside it (serving.Scorer)
+    temperature: float = 1.0  # calibration fitted on validation: p = sigmoid(logit / temperature)
 
     @property
     def input_size(self) -> int:
@@ -145,7 +147,8 @@ def _load_bundle(folder: Path) -> ServingModel:
         raise ModelUnavailableError(f"exported model in {folder} is unreadable: {error}") from error
     onnx_path = folder / BUNDLE_ONNX
     onnx_model = onnx_path.read_bytes() if onnx_path.is_file() else None
-    return ServingModel(model, threshold, meta.get("card", {}), str(folder), onnx_model)
+    return ServingModel(model, threshold, meta.get("card", {}), str(folder), onnx_model,
+                        float(meta.get("temperature", 1.0)))
 
 
 def _load_registered(uri: str) -> ServingModel:
@@ -165,14 +168,23 @@ def _load_registered(uri: str) -> ServingModel:
         keras_model = mlflow.tensorflow.load_model(f"models:/{version.name}/{version.version}")
     except Exception as error:  # MLflow surfaces missing/corrupt artefacts as many exception types
         raise ModelUnavailableError(
-            f"{uri} (version {version.version}) is registered but its files cannot be loaded: {error}"
+            f"{uri} (version {version.version}) is registered but its files cannot be loaded (missing or "
+            f"corrupt artefacts in the MLflow store): register a working model with `dvc repro`, or point "
+            f"the alias at another version. Cause: {_brief(error)}"
         ) from error
     threshold = float(version.tags.get(THRESHOLD_TAG, "nan"))
     if math.isnan(threshold):
         raise ModelUnavailableError(f"{uri} (version {version.version}) has no '{THRESHOLD_TAG}' tag")
     card = json.loads(version.tags.get(CARD_TAG, "{}"))
     card.update({"registered_name": version.name, "version": version.version})
-    return ServingModel(keras_model, threshold, card, uri, _registered_onnx(version))
+    temperature = float(version.tags.get(TEMPERATURE_TAG, "1.0"))
+    return ServingModel(keras_model, threshold, card, uri, _registered_onnx(version), temperature)
+
+
+def _brief(error: BaseException, limit: int = 300) -> str:
+    """The start of a library's error message: enough to see the cause, short enough to read."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _registered_onnx(version: Any) -> bytes | None:

@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.common import CLASS_NAMES
 from pipeline.imaging import ImageDecodeError, decode_greyscale, read_bytes, resize_grey
+from pipeline.metrics import apply_temperature
 from pipeline.registry import ServingModel, load_serving_model
 
 BATCH_SIZE = 64
@@ -32,9 +33,12 @@ class Scorer:
     unusable or disagrees.
     """
 
-    def __init__(self, keras_model, onnx_model: bytes | None = None) -> None:
+    def __init__(self, keras_model, onnx_model: bytes | None = None, temperature: float = 1.0) -> None:
         import tensorflow as tf
 
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
         self.keras_model = keras_model
         self.input_size = int(keras_model.input_shape[1])
         inference = tf.function(lambda batch: keras_model(batch, training=False),
@@ -52,7 +56,10 @@ class Scorer:
         for start in range(0, len(images), batch_size):
             batch = np.stack([resize_grey(image, self.input_size) for image in images[start:start + batch_size]])
             scores.append(self._run(batch.astype(np.float32)[..., np.newaxis]).reshape(-1))
-        return np.concatenate(scores)
+        scores = np.concatenate(scores)
+        if self.temperature == 1.0:
+            return scores
+        return apply_temperature(scores, self.temperature).astype(np.float32)
 
 
 def _input_spec(size: int):
@@ -122,7 +129,7 @@ class Predictor:
 
     def __init__(self, serving_model: ServingModel) -> None:
         self.serving_model = serving_model
-        self.scorer = Scorer(serving_model.keras_model, serving_model.onnx_model)
+        self.scorer = Scorer(serving_model.keras_model, serving_model.onnx_model, serving_model.temperature)
 
     @classmethod
     def from_uri(cls, uri: str | None = None) -> Predictor:

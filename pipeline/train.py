@@ -7,6 +7,8 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+from mlflow.entities import RunStatus
 from mlflow.models import infer_signature
 
 from pipeline.common import (
@@ -22,12 +25,13 @@ from pipeline.common import (
     REPORTS_DIR,
     git_commit,
     setup_logging,
+    stage_errors,
     stage_params,
     write_json,
 )
 from pipeline.model import balanced_class_weights, build_model, make_dataset
 from pipeline.preprocess import load_split
-from pipeline.registry import ensure_experiment
+from pipeline.registry import TrackingUnavailableError, ensure_experiment
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +88,27 @@ class EpochLogger(keras.callbacks.Callback):
         log.info("epoch %d: %s", epoch + 1, {key: round(value, 4) for key, value in row.items()})
 
 
+def make_optimizer(params: dict[str, Any], steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam, or AdamW when `weight_decay` > 0; a constant rate or a cosine decay over all epochs."""
+    learning_rate = params["learning_rate"]
+    schedule = params.get("schedule", "constant")
+    if schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, params["epochs"] * steps_per_epoch)
+    elif schedule != "constant":
+        raise ValueError(f"unknown schedule '{schedule}': use constant or cosine")
+    weight_decay = params.get("weight_decay", 0.0)
+    if weight_decay > 0:
+        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+    return keras.optimizers.Adam(learning_rate=learning_rate)
+
+
 def fit(params: dict[str, Any], train: tuple, val: tuple, checkpoint: Path) -> tuple[Any, list[dict]]:
     (train_x, train_y), (val_x, val_y) = train, val
     model = build_model(train_x.shape[1], params["image_size"], params["filters"], params["dropout"],
-                        params.get("convs_per_block", 2))
+                        params.get("convs_per_block", 2), params.get("normalization", "none"))
+    steps_per_epoch = -(-len(train_x) // params["batch_size"])
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=params["learning_rate"]),
+        optimizer=make_optimizer(params, steps_per_epoch),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=params.get("label_smoothing", 0.0)),
         metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
     )
@@ -127,16 +146,20 @@ def save_atomically(model: Any, path: Path) -> None:
     """A killed run must never leave a half-written model where later stages look for one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"partial-{path.name}")
-    model.save(partial)
-    os.replace(partial, path)
+    try:
+        model.save(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
+    experiment_id = ensure_experiment()  # first: an unreachable store fails in seconds, before any training
     make_deterministic(params["seed"])
     train, val = load_split("train"), load_split("val")
-    experiment_id = ensure_experiment()
     started = time.perf_counter()
-    with mlflow.start_run(experiment_id=experiment_id, run_name="train") as active:
+    with mlflow.start_run(experiment_id=experiment_id, run_name="train") as active, _killed_if_interrupted():
         mlflow.log_params(flatten(params))
         digest = dataset_digest(train, val)
         mlflow.set_tags({"git_commit": git_commit(), "data_digest": digest, "stage": "train"})
@@ -161,9 +184,22 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+@contextmanager
+def _killed_if_interrupted() -> Iterator[None]:
+    """End the active MLflow run as KILLED on Ctrl-C or SIGTERM (`start_run` alone would say FAILED)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+
+
 def main() -> None:
     setup_logging()
-    summary = run(stage_params("train"))
+    # SIGTERM (a stopped `dvc repro`) ends the MLflow run as KILLED instead of leaving it RUNNING; an
+    # unreachable store is one clear line, not a traceback.
+    with stage_errors(log, TrackingUnavailableError):
+        summary = run(stage_params("train"))
     log.info("trained: %s", summary)
 
 

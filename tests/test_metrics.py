@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from pipeline.metrics import (
+    apply_temperature,
     calibration_points,
     choose_threshold,
     expected_calibration_error,
+    fit_temperature,
     metrics_with_ci,
     point_metrics,
 )
@@ -66,3 +68,16 @@ def test_calibration_error_is_small_for_calibrated_scores_and_large_otherwise():
     assert expected_calibration_error(labels, probabilities ** 4) > 0.15
     points = calibration_points(labels, probabilities)
     assert len(points) == 10 and sum(point["count"] for point in points) == 20000
+
+
+def test_temperature_scaling_recovers_a_known_overconfidence():
+    rng = np.random.default_rng(1)
+    true_logits = rng.normal(0, 2, 20000)
+    labels = (rng.uniform(size=20000) < 1 / (1 + np.exp(-true_logits))).astype(int)
+    overconfident = 1 / (1 + np.exp(-3 * true_logits))  # the same ranking, three times too sharp
+    temperature = fit_temperature(labels, overconfident)
+    assert temperature == pytest.approx(3.0, rel=0.05)
+    calibrated = apply_temperature(overconfident, temperature)
+    assert expected_calibration_error(labels, calibrated) < expected_calibration_error(labels, overconfident) / 3
+    order = np.argsort(overconfident)
+    assert (np.diff(calibrated[order]) >= 0).all()  # monotone: rankings, hence AUCs, are unchanged

@@ -83,3 +83,18 @@ def test_short_training_reduces_the_loss_and_is_deterministic(fixture_arrays):
     assert losses == losses_again
     for first, second in zip(model.get_weights(), again.get_weights()):
         np.testing.assert_array_equal(first, second)
+
+
+def test_per_image_normalisation_makes_the_model_blind_to_exposure_shifts():
+    model = build_model(input_size=32, image_size=32, filters=[4], dropout=0.0, normalization="per_image")
+    image = np.random.default_rng(0).uniform(60, 160, (1, 32, 32, 1)).astype("float32")
+    brighter_flatter = (image - 60) * 0.5 + 90
+    np.testing.assert_allclose(model(image).numpy(), model(brighter_flatter).numpy(), atol=1e-3)
+    with pytest.raises(ValueError, match="normalization"):
+        build_model(32, 32, [4], 0.0, normalization="whiten")
+
+
+def test_noise_augmentation_adds_noise_within_range():
+    image = tf.constant(np.full((32, 32, 1), 128.0, dtype="float32"))
+    noisy = augment(image, tf.constant([3, 4], dtype=tf.int64), {"noise": 20.0}).numpy()
+    assert noisy.std() > 0 and 0.0 <= noisy.min() and noisy.max() <= 255.0

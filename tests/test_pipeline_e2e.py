@@ -9,65 +9,23 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-PROJECT = Path(__file__).resolve().parents[1]
-COPIED = ["pipeline", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml"]
+from tests.pipeline_project import create_project, registry_rows, run
 
 pytestmark = pytest.mark.slow
-
-
-def run(command: list[str], cwd: Path, env: dict[str, str], expected: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if result.returncode != expected:
-        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def tiny_params(project: Path, archive: Path) -> None:
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"].update(source=str(archive), sha256=None)
-    params["preprocess"].update(image_size=64, val_fraction=0.25, test_fraction=0.25)
-    params["train"].update(image_size=32, filters=[8, 16], epochs=1, batch_size=8, patience=1)
-    params["evaluate"].update(bootstrap_resamples=50)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, fixture_zip: Path) -> tuple[Path, dict[str, str]]:
     """A git + DVC project copy with tiny params, after one full `dvc repro`."""
     root = tmp_path_factory.mktemp("project")
-    for name in COPIED:
-        source = PROJECT / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif source.exists():
-            shutil.copy2(source, root / name)
-    tiny_params(root, fixture_zip)
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true",
-               DVC_NO_ANALYTICS="1", TF_CPP_MIN_LOG_LEVEL="2", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    run(["git", "init", "-q"], root, env)
-    run(["dvc", "init", "-q"], root, env)
-    run(["dvc", "config", "core.analytics", "false"], root, env)
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "fixture project"], root, env)
+    env = create_project(root, fixture_zip)
     run(["dvc", "repro"], root, env)
     return root, env
-
-
-def registry_rows(project: Path, query: str) -> list[tuple]:
-    with sqlite3.connect(project / "mlflow.db") as connection:
-        return connection.execute(query).fetchall()
 
 
 def test_repro_registers_a_version_with_the_production_alias(project):

@@ -73,3 +73,12 @@ def test_a_stored_onnx_model_is_used_only_if_it_agrees_with_keras(keras_model, i
     np.testing.assert_allclose(mismatched.probabilities(images), keras_scores(keras_model, images), atol=1e-5)
     corrupt = Scorer(keras_model, b"not an onnx model")
     np.testing.assert_allclose(corrupt.probabilities(images), keras_scores(keras_model, images), atol=1e-5)
+
+
+def test_temperature_softens_probabilities_without_changing_their_order(keras_model, images):
+    raw = Scorer(keras_model).probabilities(images)
+    softened = Scorer(keras_model, temperature=3.0).probabilities(images)
+    assert (np.abs(softened - 0.5) <= np.abs(raw - 0.5) + 1e-6).all()
+    assert (np.argsort(raw) == np.argsort(softened)).all()
+    with pytest.raises(ValueError, match="temperature"):
+        Scorer(keras_model, temperature=0.0)

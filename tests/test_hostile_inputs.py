@@ -1,0 +1,347 @@
+"""Every input of the hostile corpus (tests/hostile_corpus.py) gets its expected outcome, quickly, on every
+surface: the app's prediction function, the launched app over HTTP (gradio_client), and the batch predict
+CLI in a subprocess. Plus a bounded fuzz of the app's function on mutated real X-rays.
+
+No training: a tiny untrained CNN, saved as an export bundle (as tests/test_app.py does), stands in for
+the model. Its scores mean nothing; outcomes, messages, ranges and timings are what is tested.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import os
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pipeline.common import CLASS_NAMES
+from pipeline.imaging import MAX_FILE_BYTES, ImageDecodeError, read_bytes
+from tests import image_factory as factory
+from tests.hostile_corpus import ERROR, PREDICTION, Case, build_corpus, fixture_xray
+from tests.test_app import KERAS_SAVE_WARNING, client_for, launched, write_tiny_bundle
+
+pytestmark = [
+    pytest.mark.filterwarnings(KERAS_SAVE_WARNING),
+    pytest.mark.filterwarnings("ignore::UserWarning"),  # PIL and pydicom describe the damage they see
+    pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
+    pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),  # Gradio's own pandas deprecations
+]
+
+PROJECT_ROOT = Path(__file__).parent.parent
+SECONDS_PER_INPUT = 5.0
+SERVER_CAP = 2_000_000  # bytes; the test server's max_file_size (every corpus file but one is under it)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_bundle(tmp_path_factory.mktemp("hostile-bundle") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def app_module(tiny_bundle: Path) -> ModuleType:
+    """`app`, imported (if this is the first import) with its model pointing at a tiny bundle."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PNEUMONIA_MODEL_URI", str(tiny_bundle))
+        return importlib.import_module("app")
+
+
+@pytest.fixture(scope="module")
+def service(app_module: ModuleType, tiny_bundle: Path):
+    loaded = app_module.SERVICE
+    if loaded.uri != str(tiny_bundle):  # app was imported earlier in this session, around another bundle
+        loaded = app_module.load_service(str(tiny_bundle))
+    assert loaded.ready, loaded.problem
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Case]:
+    return build_corpus(tmp_path_factory.mktemp("hostile") / "corpus")
+
+
+def _report(failures: list[str]) -> None:
+    assert not failures, f"{len(failures)} corpus input(s) went wrong:\n" + "\n".join(failures)
+
+
+def _checked(case: Case, probability, message, app: bool, failures: list[str]) -> None:
+    try:
+        case.check(probability, message, app=app)
+    except AssertionError as error:
+        failures.append(str(error))
+
+
+# --------------------------------------------------------------------------------------------------
+# The corpus itself
+
+
+def test_corpus_is_large_and_varied(corpus):
+    assert len(corpus) >= 30
+    outcomes = {case.outcome for case in corpus}
+    assert outcomes == {PREDICTION, ERROR}
+    assert all(case.message for case in corpus if case.outcome == ERROR)
+    names = {case.name for case in corpus}
+    for needed in ("empty.png", "random.png", "random.jpg", "truncated.jpeg", "truncated.png", "one-pixel.png",
+                   "bomb-20000x20000.png", "animated.gif", "multipage.tiff", "sixteen-bit-full-range.png",
+                   "cmyk.jpg", "exif-rotated.jpg", "drawing.svg", "report.pdf", "archive.zip", "no-pixel-data.dcm",
+                   "jpeg2000-compressed.dcm", "mono1.dcm", "huge-header.dcm", "oversize.png",
+                   "röntgen 胸部 ..%2Fetc%2Fpasswd.png", "-rf --output=pwned.png", "line\nbreak.png"):
+        assert needed in names, needed
+    oversize = next(case for case in corpus if case.name == "oversize.png")
+    assert oversize.path.stat().st_size > MAX_FILE_BYTES
+
+
+def test_message_just_over_the_cap_shows_two_different_sizes(tmp_path):
+    # Rounded to 3 digits, MAX_FILE_BYTES + 1 used to read "file is 52.4 MB, over the 52.4 MB limit".
+    path = tmp_path / "just-over.png"
+    with path.open("wb") as handle:
+        handle.truncate(MAX_FILE_BYTES + 1)
+    with pytest.raises(ImageDecodeError) as caught:
+        read_bytes(path)
+    message = str(caught.value)
+    assert f"{MAX_FILE_BYTES + 1:,} bytes" in message and f"{MAX_FILE_BYTES:,}-byte limit" in message
+
+
+def test_undecodable_compressed_dicom_logs_no_traceback(corpus, caplog):
+    # pydicom logs each failing decoder plugin with LOGGER.exception: a traceback in the app's and the
+    # CLI's logs for a bad upload, until pipeline.dicom filtered it out.
+    from pipeline.imaging import decode_greyscale
+
+    case = next(case for case in corpus if case.name == "jpeg2000-compressed.dcm")
+    with caplog.at_level("DEBUG"), pytest.raises(ImageDecodeError, match="cannot be decoded"):
+        decode_greyscale(case.path.read_bytes())
+    assert not [record for record in caplog.records if record.levelno >= 40 or record.exc_info], caplog.text
+    assert "Traceback" not in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# (a) The app's prediction function and the shared Predictor
+
+
+def test_every_input_through_the_app_prediction_function(app_module, service, corpus):
+    failures, timings = [], {}
+    for case in corpus:
+        started = time.perf_counter()
+        outcome = app_module.predict_files([str(case.path)], service)
+        timings[case.name] = time.perf_counter() - started
+        (result,) = outcome.results
+        assert result.name == case.name  # the name is reported as it is, never as a path
+        _checked(case, result.probability, result.note, True, failures)
+        if result.probability is not None:
+            assert result.label == service.predictor.label(result.probability)
+            assert outcome.label is not None and outcome.overlay is not None
+        else:
+            assert outcome.label is None and outcome.overlay is None
+            assert "Scored 0 of 1 file" in outcome.status
+    slow = {name: round(seconds, 2) for name, seconds in timings.items() if seconds > SECONDS_PER_INPUT}
+    assert not slow, slow
+    _report(failures)
+
+
+def test_mixed_batches_keep_order_and_outcomes(app_module, service, corpus):
+    failures = []
+    for start in range(0, len(corpus), app_module.MAX_FILES):
+        batch = corpus[start:start + app_module.MAX_FILES]
+        outcome = app_module.predict_files([str(case.path) for case in batch], service)
+        assert [r.name for r in outcome.results] == [case.name for case in batch]
+        for case, result in zip(batch, outcome.results, strict=True):
+            _checked(case, result.probability, result.note, True, failures)
+    _report(failures)
+
+
+def test_every_input_through_the_predictor(service, corpus):
+    """The path the predict CLI and evaluation share: read_bytes + Predictor.probability_of."""
+    predictor, failures = service.predictor, []
+    for case in corpus:
+        started = time.perf_counter()
+        try:
+            probability, message = predictor.probability_of(read_bytes(case.path)), None
+        except ImageDecodeError as error:
+            probability, message = None, str(error)
+        assert time.perf_counter() - started < SECONDS_PER_INPUT, case.name
+        _checked(case, probability, message, False, failures)
+    _report(failures)
+
+
+# --------------------------------------------------------------------------------------------------
+# (b) The launched app, through gradio_client
+
+
+@pytest.fixture(scope="module")
+def live_app(app_module, service) -> Iterator[tuple[str, object]]:
+    demo = app_module.create_demo(service=service, max_file_bytes=SERVER_CAP)
+    url = launched(demo, max_file_size=SERVER_CAP)
+    try:
+        yield url, client_for(url)
+    finally:
+        demo.close()
+
+
+def test_every_input_through_the_launched_app(live_app, corpus, app_module):
+    from gradio_client import handle_file
+
+    url, client = live_app
+    uploadable = [case for case in corpus if case.path.stat().st_size <= SERVER_CAP]
+    assert len(uploadable) == len(corpus) - 1
+    failures = []
+    for start in range(0, len(uploadable), app_module.MAX_FILES):
+        batch = uploadable[start:start + app_module.MAX_FILES]
+        started = time.perf_counter()
+        label, heatmap, table, status = client.predict([handle_file(str(case.path)) for case in batch],
+                                                       api_name="/predict_files")
+        assert time.perf_counter() - started < SECONDS_PER_INPUT * len(batch)
+        rows = table["data"]
+        assert len(rows) == len(batch)
+        for case, (name, probability, result, note) in zip(batch, rows, strict=True):
+            # Gradio stores uploads under a sanitised name; whatever it is, it is a bare name.
+            assert name and "/" not in name and "\n" not in name, name
+            _checked(case, probability, note, True, failures)
+            if probability is not None:
+                assert result in CLASS_NAMES
+        scored = sum(row[1] is not None for row in rows)
+        assert f"Scored {scored} of {len(batch)} files" in status
+        assert bool(label) == (scored > 0) and (heatmap is not None) == (scored > 0)  # no label: None or {}
+    _report(failures)
+    # The server is still up and answering after the whole corpus.
+    assert httpx.get(url).status_code == 200
+
+
+def test_the_oversize_file_is_refused_clearly_and_the_app_goes_on(live_app, corpus):
+    from gradio_client import handle_file
+
+    url, client = live_app
+    oversize = next(case for case in corpus if case.name == "oversize.png")
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # gradio_client, before sending
+        client.predict([handle_file(str(oversize.path))], api_name="/predict_files")
+    # Sent anyway, as a browser or a hand-written client would: the server answers 413, not a crash.
+    head = oversize.path.read_bytes()[: SERVER_CAP + 1024]
+    response = httpx.post(f"{url.rstrip('/')}/gradio_api/upload", files={"files": ("oversize.png", head)})
+    assert response.status_code == 413
+    good = next(case for case in corpus if case.name == "cmyk.jpg")
+    _, _, table, _ = client.predict([handle_file(str(good.path))], api_name="/predict_files")
+    assert 0.0 <= table["data"][0][1] <= 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# (c) The batch predict CLI, one subprocess over the whole corpus
+
+
+def test_every_input_through_the_predict_cli(corpus, tiny_bundle, tmp_path):
+    from pipeline.predict import expand_paths
+
+    folder = corpus[0].path.parent
+    discovered = set(expand_paths([str(folder)]))
+    # Folder scanning takes only known image suffixes; the rest are named one by one, so all get a row.
+    named = [str(case.path) for case in corpus if case.path not in discovered]
+    output = tmp_path / "out.csv"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore"}
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-m", "pipeline.predict", str(folder), *named, "--model-uri", str(tiny_bundle),
+         "--output", str(output)],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=180, check=False,
+    )
+    elapsed = time.perf_counter() - started
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert "Traceback" not in completed.stderr, completed.stderr[-3000:]
+    with output.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    by_path = {row["path"]: row for row in rows}
+    assert len(rows) == len(by_path) == len(corpus)
+    assert set(by_path) == {str(case.path) for case in corpus}
+    failures = []
+    for case in corpus:
+        row = by_path[str(case.path)]
+        probability = float(row["probability_pneumonia"]) if row["probability_pneumonia"] else None
+        _checked(case, probability, row["error"], False, failures)
+        if probability is not None:
+            assert row["label"] in CLASS_NAMES
+        else:
+            assert row["label"] == ""
+    _report(failures)
+    assert elapsed < 60 + SECONDS_PER_INPUT * len(corpus) / 10  # start-up (TensorFlow) + the inputs
+
+
+# --------------------------------------------------------------------------------------------------
+# Fuzz: mutated real X-rays through the app's function and the Predictor
+
+
+def _fuzz_seeds() -> dict[str, bytes]:
+    xray = fixture_xray(3)  # a real X-ray, from the fixtures
+    return {
+        "jpeg": factory.encode(Image.fromarray(xray), "JPEG", quality=85),
+        "png": factory.png(xray),
+        "png-16": factory.png(xray.astype(np.uint16) * 257),
+        "cmyk": factory.encode(Image.fromarray(xray).convert("CMYK"), "JPEG", quality=85),
+        "exif": factory.jpeg_with_orientation(xray, 6),
+        "dicom": factory.dicom(xray.astype(np.uint16) * 16, window=(2000.0, 3000.0), rescale=(1.0, -1024.0)),
+    }
+
+
+FUZZ_SEEDS = _fuzz_seeds()
+FUZZ_SKIP = 16
+
+
+@st.composite
+def damaged_xray(draw) -> bytes:
+    """A real X-ray file with a few bytes flipped, overwritten, inserted, deleted or cut off, past its
+    first bytes (damaged signatures are test_imaging's fuzz). Positions count from either end, since
+    Hypothesis favours small numbers."""
+    data = bytearray(FUZZ_SEEDS[draw(st.sampled_from(sorted(FUZZ_SEEDS)))])
+    for _ in range(draw(st.integers(1, 4))):
+        offset = draw(st.integers(0, max(len(data) - 1 - FUZZ_SKIP, 0)))
+        position = FUZZ_SKIP + offset if draw(st.booleans()) else len(data) - 1 - offset  # from either end
+        action = draw(st.sampled_from(["flip", "byte", "insert", "delete", "cut"]))
+        if action == "flip":
+            data[position] ^= 1 << draw(st.integers(0, 7))
+        elif action == "byte":
+            data[position] = draw(st.integers(0, 255))
+        elif action == "insert":
+            data[position:position] = draw(st.binary(min_size=1, max_size=32))
+        elif action == "delete":
+            del data[position:position + draw(st.integers(1, 64))]
+        else:
+            del data[max(position, 1):]
+        if len(data) < 2:
+            break
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def fuzz_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fuzz") / "upload.bin"
+
+
+@settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=damaged_xray())
+def test_fuzz_app_function_agrees_with_predictor_and_never_raises(app_module, service, fuzz_file, data):
+    fuzz_file.write_bytes(data)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outcome = app_module.predict_files([str(fuzz_file)], service)
+        (result,) = outcome.results
+        try:
+            direct, direct_error = service.predictor.probability_of(data), None
+        except ImageDecodeError as error:
+            direct, direct_error = None, str(error)
+    assert time.perf_counter() - started < SECONDS_PER_INPUT
+    event("scored" if result.probability is not None else result.note.split(":")[0][:40])
+    if result.probability is not None:
+        assert 0.0 <= result.probability <= 1.0 and result.label in CLASS_NAMES
+        assert direct == pytest.approx(result.probability, abs=1e-6)  # the app scores as the Predictor does
+    elif result.note.startswith("not scored:"):  # decoded, but refused by the app's plausibility checks
+        assert direct is not None
+    else:
+        assert direct_error == result.note
