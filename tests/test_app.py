@@ -7,12 +7,9 @@ scores mean nothing; the contracts (shapes, ranges, messages, one model load) ar
 
 from __future__ import annotations
 
-import importlib
-import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import numpy as np
@@ -28,45 +25,6 @@ KERAS_SAVE_WARNING = "ignore:__array__ implementation doesn't accept a copy keyw
 pytestmark = pytest.mark.filterwarnings(KERAS_SAVE_WARNING)
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.png"))
-TINY_CARD = {
-    "registered_name": "tiny-test-model", "version": "7", "trained_at": 1_700_000_000_000,
-    "git_commit": "0123abc", "run_id": "run-1", "data_digest": "digest-1", "threshold": 0.5,
-    "threshold_rule": "youden", "test_images": 12,
-    "test_metrics": {"roc_auc": {"value": 0.61, "ci_low": 0.42, "ci_high": 0.8},
-                     "ece": {"value": 0.05, "ci_low": None, "ci_high": None}},
-}
-
-
-def write_tiny_bundle(folder: Path, threshold: float = 0.5) -> Path:
-    """An export bundle (as `python -m pipeline.export` writes) around an untrained tiny CNN."""
-    from pipeline.model import build_model
-
-    folder.mkdir(parents=True, exist_ok=True)
-    build_model(64, 32, [4, 8], 0.0).save(folder / BUNDLE_MODEL)
-    (folder / BUNDLE_FILE).write_text(json.dumps(
-        {"threshold": threshold, "card": TINY_CARD, "input_size": 64, "exported_from": "tests"}))
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
-
-
-@pytest.fixture(scope="session")
-def app_module(tiny_bundle: Path) -> ModuleType:
-    """`app`, imported with its environment fallback pointing at the tiny bundle (it loads at import)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PNEUMONIA_MODEL_URI", str(tiny_bundle))
-        return importlib.import_module("app")
-
-
-@pytest.fixture(scope="session")
-def service(app_module: ModuleType):
-    assert app_module.SERVICE.ready, app_module.SERVICE.problem
-    return app_module.SERVICE
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

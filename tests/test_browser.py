@@ -8,14 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app import (  # noqa: F401 (the fixtures are used by name)
-    EXAMPLES,
-    KERAS_SAVE_WARNING,
-    app_module,
-    launched,
-    service,
-    tiny_bundle,
-)
+from tests.test_app import EXAMPLES, KERAS_SAVE_WARNING, launched
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -31,7 +24,7 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def app_url(app_module, service) -> Iterator[str]:  # noqa: F811 (fixtures imported above)
+def app_url(app_module, service) -> Iterator[str]:
     demo = app_module.create_demo(service=service)
     try:
         yield launched(demo)

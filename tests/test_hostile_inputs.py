@@ -9,7 +9,6 @@ the model. Its scores mean nothing; outcomes, messages, ranges and timings are w
 from __future__ import annotations
 
 import csv
-import importlib
 import os
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import numpy as np
@@ -30,7 +28,7 @@ from pipeline.common import CLASS_NAMES
 from pipeline.imaging import MAX_FILE_BYTES, ImageDecodeError, read_bytes
 from tests import image_factory as factory
 from tests.hostile_corpus import ERROR, PREDICTION, Case, build_corpus, fixture_xray
-from tests.test_app import KERAS_SAVE_WARNING, client_for, launched, write_tiny_bundle
+from tests.test_app import KERAS_SAVE_WARNING, client_for, launched
 
 pytestmark = [
     pytest.mark.filterwarnings(KERAS_SAVE_WARNING),
@@ -42,28 +40,6 @@ pytestmark = [
 PROJECT_ROOT = Path(__file__).parent.parent
 SECONDS_PER_INPUT = 5.0
 SERVER_CAP = 2_000_000  # bytes; the test server's max_file_size (every corpus file but one is under it)
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_bundle(tmp_path_factory.mktemp("hostile-bundle") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def app_module(tiny_bundle: Path) -> ModuleType:
-    """`app`, imported (if this is the first import) with its model pointing at a tiny bundle."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PNEUMONIA_MODEL_URI", str(tiny_bundle))
-        return importlib.import_module("app")
-
-
-@pytest.fixture(scope="module")
-def service(app_module: ModuleType, tiny_bundle: Path):
-    loaded = app_module.SERVICE
-    if loaded.uri != str(tiny_bundle):  # app was imported earlier in this session, around another bundle
-        loaded = app_module.load_service(str(tiny_bundle))
-    assert loaded.ready, loaded.problem
-    return loaded
 
 
 @pytest.fixture(scope="module")

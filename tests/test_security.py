@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import ast
 import http.client
-import importlib
 import json
 import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import numpy as np
@@ -24,7 +22,7 @@ import pytest
 from pipeline.registry import BUNDLE_FILE, BUNDLE_MODEL, ModelUnavailableError, load_serving_model
 from tests import image_factory as factory
 from tests.hostile_corpus import fixture_xray
-from tests.test_app import KERAS_SAVE_WARNING, free_port, launched, write_tiny_bundle
+from tests.test_app import KERAS_SAVE_WARNING, free_port, launched
 
 pytestmark = [
     pytest.mark.filterwarnings(KERAS_SAVE_WARNING),
@@ -32,28 +30,6 @@ pytestmark = [
 ]
 
 PROJECT_ROOT = Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_bundle(tmp_path_factory.mktemp("security-bundle") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def app_module(tiny_bundle: Path) -> ModuleType:
-    """`app`, imported (if this is the first import) with its model pointing at a tiny bundle."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PNEUMONIA_MODEL_URI", str(tiny_bundle))
-        return importlib.import_module("app")
-
-
-@pytest.fixture(scope="module")
-def service(app_module: ModuleType, tiny_bundle: Path):
-    loaded = app_module.SERVICE
-    if loaded.uri != str(tiny_bundle):
-        loaded = app_module.load_service(str(tiny_bundle))
-    assert loaded.ready, loaded.problem
-    return loaded
 
 
 def client_for(url: str, downloads: Path):
