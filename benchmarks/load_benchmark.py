@@ -43,32 +43,19 @@ from typing import Any
 
 import numpy as np
 
-try:  # run as a script (`python benchmarks/load_benchmark.py`): benchmarks/ is on sys.path
-    from app_benchmark import (
-        APP,
-        EXAMPLES,
-        ROOT,
-        free_port,
-        percentiles,
-        resident_mb,
-        row,
-        stop,
-        verdict,
-        wait_until_ready,
-    )
-except ModuleNotFoundError:  # imported as `benchmarks.load_benchmark`
-    from benchmarks.app_benchmark import (
-        APP,
-        EXAMPLES,
-        ROOT,
-        free_port,
-        percentiles,
-        resident_mb,
-        row,
-        stop,
-        verdict,
-        wait_until_ready,
-    )
+# Run as a script (`python benchmarks/load_benchmark.py`), so benchmarks/ is on sys.path.
+from app_benchmark import (
+    APP,
+    EXAMPLES,
+    ROOT,
+    free_port,
+    percentiles,
+    resident_mb,
+    row,
+    stop,
+    verdict,
+    wait_until_ready,
+)
 
 EXPORTED_MODEL = ROOT / "exports" / "pneumonia-cnn"
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "load-results.json"
