@@ -82,7 +82,22 @@ def augment(image: tf.Tensor, seed: tf.Tensor, settings: dict[str, float]) -> tf
     # Sensor noise of a random strength up to `noise` (in grey levels).
     noise_level = tf.abs(_uniform(seeds[6], settings.get("noise", 0.0)))
     image = image + noise_level * tf.random.stateless_normal(tf.shape(image), seed=seeds[7])
+    if settings.get("downscale", 0.0) > 0:
+        # A seed of its own, so recipes without this option draw exactly the numbers they always did.
+        image = _downscale(image, tf.random.experimental.stateless_fold_in(seed, 1), settings["downscale"])
     return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _downscale(image: tf.Tensor, seed: tf.Tensor, limit: float) -> tf.Tensor:
+    """Down to a random fraction (1 - limit .. 1) of the side and back: the detail a lower-resolution
+    detector, export or viewer would have lost."""
+    if not 0.0 < limit < 1.0:
+        raise ValueError(f"augment.downscale must be in (0, 1), got {limit}")
+    size = tf.shape(image)[0:2]
+    fraction = 1.0 - tf.abs(_uniform(seed, limit))
+    small = tf.maximum(tf.cast(tf.round(tf.cast(size, tf.float32) * fraction), tf.int32), 1)
+    image_small = tf.image.resize(image, small, method="bilinear", antialias=True)
+    return tf.ensure_shape(tf.image.resize(image_small, size, method="bilinear"), image.shape)
 
 
 def _uniform(seed: tf.Tensor, limit: float, shape: list[int] | None = None) -> tf.Tensor:

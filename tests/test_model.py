@@ -98,3 +98,18 @@ def test_noise_augmentation_adds_noise_within_range():
     image = tf.constant(np.full((32, 32, 1), 128.0, dtype="float32"))
     noisy = augment(image, tf.constant([3, 4], dtype=tf.int64), {"noise": 20.0}).numpy()
     assert noisy.std() > 0 and 0.0 <= noisy.min() and noisy.max() <= 255.0
+
+
+def test_downscale_augmentation_loses_fine_detail_and_keeps_shape():
+    checkerboard = np.indices((64, 64)).sum(axis=0) % 2 * 255.0
+    image = tf.constant(checkerboard[..., np.newaxis].astype("float32"))
+    outputs = [augment(image, tf.constant([seed, 7], dtype=tf.int64), {"downscale": 0.9}).numpy()
+               for seed in range(8)]
+    assert all(output.shape == (64, 64, 1) for output in outputs)
+    assert all(0.0 <= output.min() and output.max() <= 255.0 for output in outputs)
+    # A one-pixel checkerboard cannot survive any real downscale: its contrast must fall.
+    assert min(output.std() for output in outputs) < 0.5 * checkerboard.std()
+    unchanged = augment(image, tf.constant([1, 7], dtype=tf.int64), {}).numpy()
+    np.testing.assert_array_equal(unchanged, checkerboard[..., np.newaxis])
+    with pytest.raises(ValueError, match="downscale"):
+        augment(image, tf.constant([1, 7], dtype=tf.int64), {"downscale": 1.5})
