@@ -5,9 +5,10 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-THRESHOLD_RULES = ("youden", "sensitivity")
+THRESHOLD_RULES = ("youden", "sensitivity", "sensitivity_bound")
 
 
 def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, rule: str,
@@ -17,6 +18,9 @@ def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, rule: str,
     youden: maximise sensitivity + specificity - 1.
     sensitivity: the highest threshold whose sensitivity is at least `target_sensitivity`
     (a screening tool should rather over-call than miss pneumonia).
+    sensitivity_bound: the highest threshold whose sensitivity's 95% Wilson lower bound is at least
+    `target_sensitivity`: the target then holds with confidence despite the validation split's size,
+    and every point of specificity that margin allows is kept.
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"unknown threshold rule '{rule}': use one of {THRESHOLD_RULES}")
@@ -24,9 +28,21 @@ def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, rule: str,
     thresholds = np.clip(thresholds, 0.0, 1.0)  # roc_curve's first threshold is +inf
     if rule == "youden":
         best = int(np.argmax(true_positive_rate - false_positive_rate))
-    else:
+    elif rule == "sensitivity":
         best = int(np.argmax(true_positive_rate >= target_sensitivity))
+    else:
+        best = _first_bound_reaching(true_positive_rate, int(np.sum(labels == 1)), target_sensitivity)
     return float(thresholds[best])
+
+
+def _first_bound_reaching(true_positive_rate: np.ndarray, positives: int, target: float) -> int:
+    """Index of the first (highest) ROC threshold whose sensitivity's Wilson lower bound reaches target;
+    the last (catch-all) threshold when none does."""
+    for index, rate in enumerate(true_positive_rate):
+        hits = round(rate * positives)
+        if binomtest(hits, positives).proportion_ci(0.95, method="wilson").low >= target:
+            return index
+    return len(true_positive_rate) - 1
 
 
 def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 10) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 
 from pipeline.metrics import (
     apply_temperature,
@@ -37,6 +38,22 @@ def test_sensitivity_rule_reaches_its_target(scored):
     assert point_metrics(labels, scores, threshold)["sensitivity"] >= 0.95
     slightly_higher = point_metrics(labels, scores, threshold + 1e-3)["sensitivity"]
     assert slightly_higher < 0.95 or threshold >= 1.0
+
+
+def test_sensitivity_bound_rule_keeps_a_margin_that_shrinks_with_more_positives(scored):
+    labels, scores = scored
+    plain = choose_threshold(labels, scores, "sensitivity", target_sensitivity=0.9)
+    bounded = choose_threshold(labels, scores, "sensitivity_bound", target_sensitivity=0.9)
+    sensitivity = point_metrics(labels, scores, bounded)["sensitivity"]
+    positives = int(labels.sum())
+    # The observed sensitivity sits above the target by a margin, and its Wilson lower bound reaches it.
+    assert bounded < plain and sensitivity > 0.9
+    assert binomtest(round(sensitivity * positives), positives).proportion_ci(method="wilson").low >= 0.9
+    repeated = np.tile(labels, 10), np.tile(scores, 10)
+    more_data = choose_threshold(*repeated, "sensitivity_bound", target_sensitivity=0.9)
+    assert bounded <= more_data <= plain + 1e-9
+    assert choose_threshold(labels, scores, "sensitivity_bound", target_sensitivity=1.0) == pytest.approx(
+        scores.min()), "an unreachable target falls back to the threshold that calls every image positive"
 
 
 def test_youden_rule_maximises_sensitivity_plus_specificity(scored):
