@@ -13,6 +13,7 @@ Research demo: not a medical device, not for diagnosis.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import io
 import logging
@@ -20,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +81,9 @@ COLOUR_SPREAD_LIMIT = 32.0  # mean of max-min over R, G, B per pixel, on 0..255
 MAX_ASPECT = 3.0
 MIN_PIXEL_STD = 4.0
 COLOUR_PROBE_SIZE = 128
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers (malloc.h)
+MALLOC_ARENAS = 2
+MMAP_THRESHOLD_BYTES = 128 * 1024
 
 COLUMNS = ["file", "probability of pneumonia", "result", "note"]
 UPLOAD_PROMPT = "Upload a chest X-ray (PNG, JPEG or DICOM), or click an example."
@@ -272,6 +277,13 @@ def predict_files(paths: list[str] | None, service: ModelService,
                    _status(done, first.name))
 
 
+def score_and_render(paths: list[str] | None, service: ModelService,
+                     max_file_bytes: int) -> tuple[Outcome, str | None]:
+    """`predict_files`, then the Grad-CAM overlay written as a PNG: everything that allocates per image."""
+    outcome = predict_files(paths, service, max_file_bytes)
+    return outcome, None if outcome.overlay is None else heatmap_file(outcome.overlay)
+
+
 def _overlay(service: ModelService, grey: np.ndarray, towards_pneumonia: bool) -> np.ndarray | None:
     if service.explainer is None:
         return None
@@ -352,6 +364,10 @@ def create_demo(model_uri: str | None = None, *, service: ModelService | None = 
     """
     delete_cache = upload_cache_policy()  # a bad setting fails before the (slow) model load
     service = service or load_service(model_uri)
+    # All model work on one thread: Gradio runs each event on any of its ~40 worker threads, and every
+    # new thread that touches TensorFlow and ONNX Runtime gets its own allocator arena and thread-local
+    # state, so resident memory crept up with concurrency. The queue runs one event at a time anyway.
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     def on_predict(paths: str | list[str] | None) -> tuple[Any, Any, pd.DataFrame, str]:
         if isinstance(paths, str):
@@ -360,7 +376,7 @@ def create_demo(model_uri: str | None = None, *, service: ModelService | None = 
             raise gr.Error(no_model_message(service), print_exception=False)
         started = time.perf_counter()
         try:
-            outcome = predict_files(paths, service, max_file_bytes)
+            outcome, overlay = model_thread.submit(score_and_render, paths, service, max_file_bytes).result()
         except Exception as error:
             # Never the image or its metadata in the log: only what went wrong in our code.
             log.exception("prediction failed")
@@ -371,7 +387,6 @@ def create_demo(model_uri: str | None = None, *, service: ModelService | None = 
                  1000 * (time.perf_counter() - started))
         if failed:
             gr.Warning(f"{failed} of {len(outcome.results)} file(s) could not be scored: see the table.")
-        overlay = None if outcome.overlay is None else heatmap_file(outcome.overlay)
         return outcome.label, overlay, outcome.table(), outcome.status
 
     with gr.Blocks(title="Pneumonia screening (research demo)", analytics_enabled=False,
@@ -485,12 +500,32 @@ def launch(app: gr.Blocks, settings: argparse.Namespace) -> None:
     app.block_thread()
 
 
+def tune_malloc() -> bool:
+    """Keep resident memory flat under load (glibc only; explicit MALLOC_* settings in the environment win).
+
+    - Arenas: glibc gives threads their own (up to 8 per core) and memory freed in one is not reused by
+      another; Gradio serves from ~40 threads. Two is the usual server setting.
+    - mmap threshold: glibc raises it after the first large free, after which every upload, image array
+      and PNG buffer (100 KB-1 MB) is carved from the heap and fragments it. Fixed, they are mapped and
+      returned to the system when freed.
+    """
+    if not sys.platform.startswith("linux") or any(name.startswith("MALLOC_") for name in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl): nothing to tune
+        return False
+    return bool(libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)) and bool(
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
 # Read the command line only when run as a script; imported (tests, `gradio app.py`), the environment
 # fallbacks apply. Either way the model loads here, once per process.
 SETTINGS = parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 if __name__ == "__main__":
     setup_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes
+tune_malloc()  # before Gradio starts its worker threads
 SERVICE = load_service(SETTINGS.model_uri)
 demo = create_demo(service=SERVICE, max_file_bytes=int(SETTINGS.max_file_mb * 1_000_000))
 

@@ -22,13 +22,14 @@ from pipeline.metrics import (
     calibration_points,
     choose_threshold,
     expected_calibration_error,
+    fit_platt,
     fit_temperature,
     metrics_with_ci,
     pr_points,
     roc_points,
 )
 from pipeline.preprocess import load_split
-from pipeline.registry import TEMPERATURE_TAG, THRESHOLD_TAG, configure_tracking
+from pipeline.registry import CALIBRATION_BIAS_TAG, TEMPERATURE_TAG, THRESHOLD_TAG, configure_tracking
 from pipeline.serving import Scorer
 from pipeline.train import MODEL_FILE, RUN_FILE
 
@@ -47,8 +48,9 @@ def evaluate(scorer: Scorer, params: dict[str, Any]) -> tuple[dict[str, Any], di
     val_images, val_labels = load_split("val")
     test_images, test_labels = load_split("test")
     raw_val, raw_test = scorer.probabilities(val_images), scorer.probabilities(test_images)
-    temperature = fit_temperature(val_labels, raw_val) if params.get("calibration") == "temperature" else 1.0
-    val_scores, test_scores = apply_temperature(raw_val, temperature), apply_temperature(raw_test, temperature)
+    temperature, bias = fit_calibration(val_labels, raw_val, params.get("calibration", "none"))
+    val_scores = apply_temperature(raw_val, temperature, bias)
+    test_scores = apply_temperature(raw_test, temperature, bias)
     threshold = choose_threshold(val_labels, val_scores, params["threshold_rule"],
                                  params.get("target_sensitivity", 0.95))
     resamples, seed = params["bootstrap_resamples"], params["seed"]
@@ -56,6 +58,7 @@ def evaluate(scorer: Scorer, params: dict[str, Any]) -> tuple[dict[str, Any], di
         "threshold": round(threshold, 6),
         "threshold_rule": params["threshold_rule"],
         "temperature": round(temperature, 4),
+        "calibration_bias": round(bias, 4),
         "test_ece_before_calibration": round(expected_calibration_error(test_labels, raw_test), 4),
         "test": metrics_with_ci(test_labels, test_scores, threshold, resamples, seed),
         "val": metrics_with_ci(val_labels, val_scores, threshold, resamples, seed),
@@ -63,6 +66,17 @@ def evaluate(scorer: Scorer, params: dict[str, Any]) -> tuple[dict[str, Any], di
         "val_images": len(val_labels),
     }
     return report, {"labels": test_labels.astype(int), "scores": test_scores}
+
+
+def fit_calibration(labels: np.ndarray, raw_scores: np.ndarray, method: str) -> tuple[float, float]:
+    """(temperature, bias) for sigmoid(logit / temperature + bias), fitted on validation."""
+    if method == "temperature":
+        return fit_temperature(labels, raw_scores), 0.0
+    if method == "platt":
+        return fit_platt(labels, raw_scores)
+    if method == "none":
+        return 1.0, 0.0
+    raise ValueError(f"unknown calibration '{method}': use none, temperature or platt")
 
 
 def write_plot_data(labels: np.ndarray, scores: np.ndarray, threshold: float, folder: Path) -> None:
@@ -125,6 +139,7 @@ def _save(figure: Any, path: Path) -> Path:
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     flat = {"decision_threshold": report["threshold"], "temperature": report["temperature"],
+            "calibration_bias": report.get("calibration_bias", 0.0),
             "test_ece_before_calibration": report["test_ece_before_calibration"]}
     for split in ("test", "val"):
         for name, values in report[split].items():
@@ -141,6 +156,7 @@ def log_to_training_run(report: dict[str, Any], figures: list[Path]) -> None:
         mlflow.log_metrics({k: v for k, v in flat_metrics(report).items() if v is not None})
         mlflow.set_tag(THRESHOLD_TAG, str(report["threshold"]))
         mlflow.set_tag(TEMPERATURE_TAG, str(report["temperature"]))
+        mlflow.set_tag(CALIBRATION_BIAS_TAG, str(report.get("calibration_bias", 0.0)))
         mlflow.set_tag("threshold_rule", report["threshold_rule"])
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="evaluation")

@@ -86,6 +86,7 @@ def export(model_uri: str, dest: Path, force: bool = False) -> Path:
             "format": BUNDLE_FORMAT,
             "threshold": float(serving.threshold),
             "temperature": float(serving.temperature),
+            "calibration_bias": float(serving.calibration_bias),
             "card": card,
             "input_size": serving.input_size,
             "exported_from": model_uri,

@@ -139,9 +139,10 @@ def _logits(probabilities: np.ndarray) -> np.ndarray:
     return np.log(clipped / (1 - clipped))
 
 
-def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """Rescale confidence: sigmoid(logit(p) / T). T > 1 softens an over-confident model; order is kept."""
-    return 1.0 / (1.0 + np.exp(-_logits(probabilities) / temperature))
+def apply_temperature(probabilities: np.ndarray, temperature: float, bias: float = 0.0) -> np.ndarray:
+    """Rescale confidence: sigmoid(logit(p) / T + bias). T > 1 softens an over-confident model, a bias
+    shifts a model whose scores sit systematically high or low; order is kept."""
+    return 1.0 / (1.0 + np.exp(-(_logits(probabilities) / temperature + bias)))
 
 
 def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
@@ -157,3 +158,23 @@ def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
     result = minimize_scalar(negative_log_likelihood, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(result.x))
+
+
+def fit_platt(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, float]:
+    """(temperature, bias) minimising the validation log-loss (Platt scaling on the logit).
+
+    Temperature alone cannot fix a model whose logits are shifted rather than stretched, which is what
+    training on harder (augmented) images than it is evaluated on does.
+    """
+    from scipy.optimize import minimize
+
+    labels = np.asarray(labels, dtype=np.float64)
+    logits = _logits(probabilities)
+
+    def negative_log_likelihood(values: np.ndarray) -> float:
+        scaled = logits / np.exp(values[0]) + values[1]
+        return float(np.mean(np.logaddexp(0.0, -scaled) * labels + np.logaddexp(0.0, scaled) * (1 - labels)))
+
+    result = minimize(negative_log_likelihood, x0=np.zeros(2), method="L-BFGS-B",
+                      bounds=[(np.log(0.05), np.log(20.0)), (-10.0, 10.0)])
+    return float(np.exp(result.x[0])), float(result.x[1])

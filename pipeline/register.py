@@ -34,6 +34,7 @@ from pipeline.metrics import point_metrics
 from pipeline.preprocess import load_split
 from pipeline.registry import (
     BUNDLE_ONNX,
+    CALIBRATION_BIAS_TAG,
     CARD_TAG,
     ONNX_TAG,
     PRODUCTION_ALIAS,
@@ -62,6 +63,7 @@ def model_card(run: dict[str, Any], report: dict[str, Any], run_info: Any) -> di
         "threshold": report["threshold"],
         "threshold_rule": report["threshold_rule"],
         "temperature": report.get("temperature", 1.0),
+        "calibration_bias": report.get("calibration_bias", 0.0),
         "test_images": report["test_images"],
         "test_metrics": report["test"],
     }
@@ -80,7 +82,7 @@ def current_production_score(client: MlflowClient, name: str, metric: str,
         log.warning("production version %s cannot be loaded (%s): it will be replaced", version.version, error)
         return version.version, None
     images, labels = load_split(split)
-    scores = Scorer(serving.keras_model, serving.onnx_model, serving.temperature).probabilities(images)
+    scores = Scorer.for_model(serving).probabilities(images)
     return version.version, point_metrics(labels, scores, serving.threshold)[metric]
 
 
@@ -110,6 +112,7 @@ def register(params: dict[str, Any]) -> dict[str, Any]:
     tags = {
         THRESHOLD_TAG: str(report["threshold"]),
         TEMPERATURE_TAG: str(report.get("temperature", 1.0)),
+        CALIBRATION_BIAS_TAG: str(report.get("calibration_bias", 0.0)),
         CARD_TAG: json.dumps(card, sort_keys=True),
         "git_commit": card["git_commit"],
         "data_digest": run["data_digest"],

@@ -25,6 +25,7 @@ EXPERIMENT_NAME = "pneumonia-screening"
 PRODUCTION_ALIAS = "production"
 THRESHOLD_TAG = "decision_threshold"
 TEMPERATURE_TAG = "temperature"
+CALIBRATION_BIAS_TAG = "calibration_bias"
 CARD_TAG = "model_card"
 ONNX_TAG = "onnx_artifact"
 SERVER_TIMEOUT_S = 5.0
@@ -109,7 +110,9 @@ class ServingModel:
     card: dict[str, Any] = field(default_factory=dict)
     uri: str = ""
     onnx_model: bytes | None = None  # the same network as ONNX, stored beside it (serving.Scorer)
-    temperature: float = 1.0  # calibration fitted on validation: p = sigmoid(logit / temperature)
+    # Calibration fitted on validation: p = sigmoid(logit / temperature + calibration_bias).
+    temperature: float = 1.0
+    calibration_bias: float = 0.0
 
     @property
     def input_size(self) -> int:
@@ -148,7 +151,7 @@ def _load_bundle(folder: Path) -> ServingModel:
     onnx_path = folder / BUNDLE_ONNX
     onnx_model = onnx_path.read_bytes() if onnx_path.is_file() else None
     return ServingModel(model, threshold, meta.get("card", {}), str(folder), onnx_model,
-                        float(meta.get("temperature", 1.0)))
+                        float(meta.get("temperature", 1.0)), float(meta.get("calibration_bias", 0.0)))
 
 
 def _load_registered(uri: str) -> ServingModel:
@@ -178,7 +181,8 @@ def _load_registered(uri: str) -> ServingModel:
     card = json.loads(version.tags.get(CARD_TAG, "{}"))
     card.update({"registered_name": version.name, "version": version.version})
     temperature = float(version.tags.get(TEMPERATURE_TAG, "1.0"))
-    return ServingModel(keras_model, threshold, card, uri, _registered_onnx(version), temperature)
+    bias = float(version.tags.get(CALIBRATION_BIAS_TAG, "0.0"))
+    return ServingModel(keras_model, threshold, card, uri, _registered_onnx(version), temperature, bias)
 
 
 def _brief(error: BaseException, limit: int = 300) -> str:

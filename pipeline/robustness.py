@@ -1,7 +1,7 @@
 """Stage 6: how far the model's metrics fall when the test images look like other devices and exposures.
 
 Each shift (brightness, contrast, gamma, blur, noise, lower resolution, histogram equalisation) is applied
-to the carved test split's pixels; the model, its temperature and its threshold stay as registered. A
+to the carved test split's pixels; the model, its calibration and its threshold stay as registered. A
 check anyone can run without the official test split: a recipe whose specificity collapses here is
 unlikely to hold up on another hospital's normals.
 """
@@ -123,7 +123,8 @@ def main() -> None:
     params = stage_params("robustness")
     report = read_json(METRICS_FILE)
     scorer = Scorer(keras.models.load_model(MODEL_FILE, compile=False, safe_mode=True),
-                    temperature=report.get("temperature", 1.0))
+                    temperature=report.get("temperature", 1.0),
+                    calibration_bias=report.get("calibration_bias", 0.0))
     images, labels = load_split("test")
     result = measure(scorer, images, labels, report["threshold"], build_shifts(params), params["seed"])
     write_json(ROBUSTNESS_FILE, result)

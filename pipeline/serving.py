@@ -33,12 +33,14 @@ class Scorer:
     unusable or disagrees.
     """
 
-    def __init__(self, keras_model, onnx_model: bytes | None = None, temperature: float = 1.0) -> None:
+    def __init__(self, keras_model, onnx_model: bytes | None = None, temperature: float = 1.0,
+                 calibration_bias: float = 0.0) -> None:
         import tensorflow as tf
 
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
+        self.calibration_bias = calibration_bias
         self.keras_model = keras_model
         self.input_size = int(keras_model.input_shape[1])
         inference = tf.function(lambda batch: keras_model(batch, training=False),
@@ -57,9 +59,14 @@ class Scorer:
             batch = np.stack([resize_grey(image, self.input_size) for image in images[start:start + batch_size]])
             scores.append(self._run(batch.astype(np.float32)[..., np.newaxis]).reshape(-1))
         scores = np.concatenate(scores)
-        if self.temperature == 1.0:
+        if self.temperature == 1.0 and self.calibration_bias == 0.0:
             return scores
-        return apply_temperature(scores, self.temperature).astype(np.float32)
+        return apply_temperature(scores, self.temperature, self.calibration_bias).astype(np.float32)
+
+    @classmethod
+    def for_model(cls, serving_model: ServingModel) -> Scorer:
+        return cls(serving_model.keras_model, serving_model.onnx_model, serving_model.temperature,
+                   serving_model.calibration_bias)
 
 
 def _input_spec(size: int):
@@ -129,7 +136,7 @@ class Predictor:
 
     def __init__(self, serving_model: ServingModel) -> None:
         self.serving_model = serving_model
-        self.scorer = Scorer(serving_model.keras_model, serving_model.onnx_model, serving_model.temperature)
+        self.scorer = Scorer.for_model(serving_model)
 
     @classmethod
     def from_uri(cls, uri: str | None = None) -> Predictor:

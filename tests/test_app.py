@@ -7,7 +7,11 @@ scores mean nothing; the contracts (shapes, ranges, messages, one model load) ar
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
+import platform
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -389,3 +393,28 @@ def test_app_without_a_model_starts_and_says_how_to_train(app_module, no_model_s
             client_for(url).predict(handle_file(str(EXAMPLES[0])), api_name="/predict")
     finally:
         demo.close()
+
+
+def test_malloc_tuning_defers_to_the_environment(app_module, monkeypatch):
+    for name in [name for name in os.environ if name.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert app_module.tune_malloc() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert app_module.tune_malloc() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_model_work_runs_on_one_thread_whichever_thread_asks(app_module, service, monkeypatch):
+    seen: set[str] = set()
+    score = app_module.score_and_render
+
+    def recording(*args):
+        seen.add(threading.current_thread().name)
+        return score(*args)
+
+    monkeypatch.setattr(app_module, "score_and_render", recording)
+    demo = app_module.create_demo(service=service)
+    on_predict = next(event.fn for event in demo.fns.values() if event.api_name == "predict")
+    with concurrent.futures.ThreadPoolExecutor(4) as callers:
+        answers = list(callers.map(lambda _: on_predict(str(EXAMPLES[0])), range(8)))
+    assert all(answer[0] for answer in answers) and len(seen) == 1 and seen.pop().startswith("model")

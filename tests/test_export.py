@@ -15,8 +15,10 @@ from pipeline.registry import (
     BUNDLE_FILE,
     BUNDLE_MODEL,
     BUNDLE_ONNX,
+    CALIBRATION_BIAS_TAG,
     CARD_TAG,
     PRODUCTION_ALIAS,
+    TEMPERATURE_TAG,
     THRESHOLD_TAG,
     load_serving_model,
 )
@@ -53,7 +55,8 @@ def store(tmp_path_factory: pytest.TempPathFactory):
             info = mlflow.tensorflow.log_model(model, name="model")
         card = {**CARD, "run_id": run.info.run_id}
         version = mlflow.register_model(info.model_uri, MODEL_NAME, tags={
-            THRESHOLD_TAG: str(THRESHOLD), CARD_TAG: json.dumps(card)})
+            THRESHOLD_TAG: str(THRESHOLD), CARD_TAG: json.dumps(card), TEMPERATURE_TAG: "1.5",
+            CALIBRATION_BIAS_TAG: "-0.25"})
         mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, PRODUCTION_ALIAS, version.version)
         yield {"version": version.version, "run_id": run.info.run_id}
 
@@ -98,6 +101,8 @@ def test_export_production_model(store, tmp_path, probes):
     assert Scorer(exported.keras_model, exported.onnx_model).backend == "onnxruntime"
     registered = load_serving_model(f"models:/{MODEL_NAME}/{store['version']}")
     assert exported.threshold == registered.threshold
+    assert (exported.temperature, exported.calibration_bias) == (registered.temperature,
+                                                                 registered.calibration_bias) == (1.5, -0.25)
     assert exported.card == registered.card
     np.testing.assert_allclose(scores(exported, probes), scores(registered, probes), rtol=0, atol=1e-6)
 

@@ -11,6 +11,7 @@ from pipeline.metrics import (
     calibration_points,
     choose_threshold,
     expected_calibration_error,
+    fit_platt,
     fit_temperature,
     metrics_with_ci,
     point_metrics,
@@ -85,6 +86,19 @@ def test_calibration_error_is_small_for_calibrated_scores_and_large_otherwise():
     assert expected_calibration_error(labels, probabilities ** 4) > 0.15
     points = calibration_points(labels, probabilities)
     assert len(points) == 10 and sum(point["count"] for point in points) == 20000
+
+
+def test_platt_scaling_fixes_a_shift_that_temperature_cannot():
+    rng = np.random.default_rng(2)
+    true_logits = rng.normal(1, 2, 20000)
+    labels = (rng.uniform(size=20000) < 1 / (1 + np.exp(-true_logits))).astype(int)
+    # What training on harder augmented images does: scores too low by a constant logit, a bit too sharp.
+    shifted = 1 / (1 + np.exp(-(1.5 * true_logits - 2.0)))
+    temperature, bias = fit_platt(labels, shifted)
+    assert temperature == pytest.approx(1.5, rel=0.05) and bias == pytest.approx(2.0 / 1.5, abs=0.1)
+    platt_ece = expected_calibration_error(labels, apply_temperature(shifted, temperature, bias))
+    temperature_only = apply_temperature(shifted, fit_temperature(labels, shifted))
+    assert platt_ece < 0.01 < expected_calibration_error(labels, temperature_only)
 
 
 def test_temperature_scaling_recovers_a_known_overconfidence():

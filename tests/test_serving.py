@@ -82,3 +82,11 @@ def test_temperature_softens_probabilities_without_changing_their_order(keras_mo
     assert (np.argsort(raw) == np.argsort(softened)).all()
     with pytest.raises(ValueError, match="temperature"):
         Scorer(keras_model, temperature=0.0)
+
+
+def test_calibration_bias_raises_every_logit_by_the_same_amount(keras_model, images):
+    logit = lambda p: np.log(p / (1 - p))
+    raw = Scorer(keras_model).probabilities(images)
+    shifted = Scorer(keras_model, temperature=2.0, calibration_bias=1.0).probabilities(images)
+    np.testing.assert_allclose(logit(shifted.astype(np.float64)), logit(raw.astype(np.float64)) / 2.0 + 1.0,
+                               atol=1e-3)
