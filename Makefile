@@ -40,7 +40,7 @@ test: setup
 	pytest -q
 
 lint: setup
-	ruff check pipeline tests benchmarks app.py
+	ruff check pipeline tests benchmarks docs app.py
 
 app: setup
 	python app.py

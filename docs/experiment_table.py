@@ -19,7 +19,8 @@ SHIFTS = ("contrast x0.6", "resolution 64px", "blur sigma 1.5", "gamma 0.6")
 IGNORED_PARAMS = ("data.",)  # where the archive came from, not part of a recipe
 COLUMNS = ("run", "change (`-S`)", "train time, epochs (best)", "val ROC-AUC", "val sens.", "val spec.",
            "threshold", "test ROC-AUC", "test acc.", "test sens.", "test spec.", "test ECE", "T",
-           "spec. under shift: " + " / ".join(SHIFTS), "worst spec. change")
+           "test spec. under shift: " + " / ".join(SHIFTS), "worst test spec. change",
+           "worst val spec. change")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -64,7 +65,8 @@ def row(name: str, baseline: dict[str, Any], experiment: dict[str, Any]) -> list
     shifts = robustness.get("shifts", {})
     under_shift = " / ".join(f"{shifts[shift]['specificity']:.2f}" if shift in shifts else "n/a"
                              for shift in SHIFTS)
-    worst = min((entry["specificity_change"] for entry in shifts.values()), default=None)
+    worst = worst_specificity_change(robustness)
+    worst_val = worst_specificity_change(robustness.get("val", {}))
     return [
         name, changed_params(baseline, experiment),
         f"{minutes(training.get('train_seconds'))}, {training.get('epochs_run')} ({training.get('best_epoch')})",
@@ -72,8 +74,12 @@ def row(name: str, baseline: dict[str, Any], experiment: dict[str, Any]) -> list
         f"{metrics.get('threshold', float('nan')):.3f} ({metrics.get('threshold_rule')})",
         with_ci(test.get("roc_auc")), with_ci(test.get("accuracy")), with_ci(test.get("sensitivity")),
         with_ci(test.get("specificity")), with_ci(test.get("ece")), f"{metrics.get('temperature', float('nan')):.2f}",
-        under_shift, "n/a" if worst is None else f"{worst:+.2f}",
+        under_shift, "n/a" if worst is None else f"{worst:+.2f}", "n/a" if worst_val is None else f"{worst_val:+.2f}",
     ]
+
+
+def worst_specificity_change(robustness: dict[str, Any]) -> float | None:
+    return min((entry["specificity_change"] for entry in robustness.get("shifts", {}).values()), default=None)
 
 
 def experiments(shown: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:

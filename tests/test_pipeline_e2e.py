@@ -54,6 +54,12 @@ def test_metrics_files_hold_sane_values(project):
     for figure in ("roc.png", "precision_recall.png", "calibration.png", "confusion_matrix.png"):
         assert (root / "reports/figures" / figure).stat().st_size > 1000
     assert (root / "dvc.lock").is_file()
+    robustness = json.loads((root / "reports/robustness.json").read_text())
+    # Reported on test; measured on validation too, which is what recipes are compared on.
+    for split in (robustness, robustness["val"]):
+        assert split["shifts"] and set(split["worst_change"]) == {"roc_auc", "accuracy", "sensitivity",
+                                                                  "specificity", "ece"}
+    assert robustness["baseline"] != robustness["val"]["baseline"]
 
 
 def test_second_repro_does_nothing(project):
