@@ -1,4 +1,6 @@
-"""What every stage shares: project paths, params, seeding, logging, git facts."""
+"""What every stage shares: seeding, logging, git facts, atomic JSON, clean stops on SIGTERM.
+
+Paths live in `pipeline.paths`, params in `pipeline.params`."""
 
 from __future__ import annotations
 
@@ -16,65 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-PARAMS_FILE = "params.yaml"
-CLASS_NAMES = ("NORMAL", "PNEUMONIA")
-DEFAULT_MODEL_NAME = "pneumonia-cnn"
-
-# Paths are relative to the project root (DVC runs every stage from there).
-RAW_DIR = Path("data/raw")
-DOWNLOAD_DIR = Path("data/downloads")
-PREPARED_DIR = Path("data/prepared")
-MODEL_DIR = Path("models")
-REPORTS_DIR = Path("reports")
-
-# `dvc exp run --temp` and queued experiments run in a copy under this folder of the real project.
-_DVC_TEMP_WORKSPACE = (".dvc", "tmp", "exps")
+from serving.locations import project_root
 
 log = logging.getLogger(__name__)
-
-
-def project_root(start: Path | None = None) -> Path:
-    """The nearest folder at or above `start` (default: cwd) holding params.yaml; cwd if none does."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / PARAMS_FILE).is_file():
-            return folder
-    return here
-
-
-def persistent_root(start: Path | None = None) -> Path:
-    """The real project folder, even from inside a DVC temporary experiment workspace.
-
-    Anything that must outlive the run (the MLflow store, the download cache) belongs here, or a
-    `dvc exp run --temp` would write it into a workspace that is deleted afterwards.
-    """
-    root = project_root(start)
-    parts = root.parts
-    marker_len = len(_DVC_TEMP_WORKSPACE)
-    for index in range(len(parts) - marker_len):
-        if parts[index : index + marker_len] == _DVC_TEMP_WORKSPACE:
-            return Path(*parts[:index])
-    return root
-
-
-def load_params(root: Path | None = None) -> dict[str, Any]:
-    path = (root or project_root()) / PARAMS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run from the project folder")
-    with path.open(encoding="utf-8") as handle:
-        return yaml.safe_load(handle) or {}
-
-
-def stage_params(section: str, root: Path | None = None) -> dict[str, Any]:
-    """One stage's own params.yaml section, plus the project-wide `seed`."""
-    params = load_params(root)
-    if section not in params:
-        raise KeyError(f"params.yaml has no '{section}' section")
-    own = dict(params[section] or {})
-    own.setdefault("seed", params.get("seed", 0))
-    return own
 
 
 def set_seed(seed: int) -> None:

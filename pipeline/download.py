@@ -1,7 +1,11 @@
-"""DVC stage `data`: fetch the chest X-ray archive (or take a local copy) and extract it into data/raw.
+"""Stage: fetch the chest X-ray archive and the external set (or take local copies) and extract them.
 
 `data.source` in params.yaml is an http(s) URL, or a local path to a .zip, a .tar.gz/.tgz, or an
-already-extracted folder in the public layout `chest_xray/{train,test}/{NORMAL,PNEUMONIA}/`.
+already-extracted folder in the public layout `chest_xray/{train,test}/{NORMAL,PNEUMONIA}/`; it goes to
+`data/raw/archive`. `data.external` (or the archive's own test split, found by the preprocess stage) goes
+to `data/raw/external`: any folder holding NORMAL and PNEUMONIA folders. A local archive linked as
+`data/sources/train` or `data/sources/external` (what `make repro DATA=... EXTERNAL=...` does) replaces
+the configured source; a `.sha256` file beside it is checked like `data.sha256`.
 Downloads are cached under `<persistent root>/data/downloads/` so reruns (and `dvc exp run --temp`
 workspaces) never fetch the same archive twice. Archives are extracted defensively: no path escapes,
 no links or devices, bounded member count and size, and `data/raw` only appears once complete.
@@ -13,6 +17,7 @@ import functools
 import gzip
 import hashlib
 import logging
+import os
 import re
 import shutil
 import stat
@@ -29,7 +34,10 @@ from urllib.parse import unquote, urlparse
 import requests
 from tqdm import tqdm
 
-from pipeline.common import DOWNLOAD_DIR, RAW_DIR, persistent_root, setup_logging, sha256_file, stage_params
+from pipeline.common import setup_logging, sha256_file, stage_errors
+from pipeline.params import DataParams, stage_params
+from pipeline.paths import DOWNLOAD_DIR, EXTERNAL_SOURCE, RAW_EXTERNAL_DIR, RAW_TRAIN_DIR, TRAIN_SOURCE
+from serving.locations import persistent_root
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +113,11 @@ class _Member:
 
 
 def offline_hint() -> str:
-    """What to do when the URL cannot be used: point `data.source` at a local copy."""
+    """What to do when the URL cannot be used: use a local copy."""
     return (
         "To use a local copy of the archive instead (a .zip, a .tar.gz or an extracted chest_xray folder):\n"
-        "  - edit data.source in params.yaml to its path (and data.sha256 to its sha256, or null), or\n"
-        "  - run: dvc exp run -S data.source=/path/to/archive.zip -S data.sha256=null"
-        "  (or -S data.sha256=<its sha256>), or\n"
-        "  - run: make repro DATA=/path/to/archive.zip"
+        "  - run: make repro DATA=/path/to/archive.zip (it links the archive into data/sources/), or\n"
+        "  - edit data.source in params.yaml to its path (and data.sha256 to its sha256, or null)"
     )
 
 
@@ -130,15 +136,6 @@ def normalise_sha256(value: object) -> str | None:
     return digest
 
 
-def _positive_int(params: dict[str, object], key: str, default: int) -> int:
-    value = params.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise DownloadError(f"data.{key} must be a positive integer, got {value!r}")
-    return value
-
-
 def is_url(source: str) -> bool:
     return urlparse(source).scheme.lower() in ("http", "https")
 
@@ -151,8 +148,8 @@ def resolve_local_source(source: str | Path, root: Path) -> Path:
     if not path.exists():
         raise DownloadError(
             f"data.source points to {path}, which does not exist. Fix data.source in params.yaml "
-            f"(relative paths are resolved against {root}), or pass it on the command line: "
-            "dvc exp run -S data.source=/path/to/archive.zip"
+            f"(relative paths are resolved against {root}), or link a local archive: "
+            "make repro DATA=/path/to/archive.zip"
         )
     return path
 
@@ -375,7 +372,7 @@ def _zip_members(bundle: zipfile.ZipFile, limits: ExtractionLimits) -> Iterator[
     infos = bundle.infolist()
     if len(infos) > limits.max_members:
         raise UnsafeArchiveError(
-            f"archive has {len(infos)} members, above data.max_members={limits.max_members}"
+            f"archive has {len(infos)} members, above the extraction limit of {limits.max_members}"
         )
     for info in infos:
         if stat.S_ISLNK(info.external_attr >> 16):
@@ -388,7 +385,7 @@ def _tar_members(bundle: tarfile.TarFile, limits: ExtractionLimits) -> Iterator[
     # Iterate lazily so a tar with millions of headers is stopped early.
     for count, info in enumerate(bundle, start=1):
         if count > limits.max_members:
-            raise UnsafeArchiveError(f"archive has more than data.max_members={limits.max_members} members")
+            raise UnsafeArchiveError(f"archive has more members than the extraction limit of {limits.max_members}")
         if not (info.isreg() or info.isdir()):
             raise UnsafeArchiveError(f"archive member {info.name!r} is a link, device or other special file")
         target = safe_member_path(info.name)
@@ -414,7 +411,7 @@ def _plan(candidates: Iterator[_Member | None], limits: ExtractionLimits) -> lis
         declared += 0 if member.is_dir else member.size
         if declared > limits.max_bytes:
             raise UnsafeArchiveError(
-                f"archive declares more than data.max_extracted_bytes={limits.max_bytes} bytes"
+                f"archive declares more than the {limits.max_bytes}-byte extraction limit"
             )
         members.append(member)
     files = sum(not member.is_dir for member in members)
@@ -451,7 +448,7 @@ def copy_member(source: IO[bytes], target: IO[bytes], *, declared: int, budget: 
         if written > declared:
             raise UnsafeArchiveError(f"archive member {name!r} is larger than its header declares")
         if written > budget:
-            raise UnsafeArchiveError(f"extracted data exceeds data.max_extracted_bytes at {name!r}")
+            raise UnsafeArchiveError(f"extracted data exceeds the extraction limit at {name!r}")
         target.write(chunk)
     return written
 
@@ -486,13 +483,28 @@ def find_dataset_roots(raw_dir: Path) -> list[Path]:
 def check_layout(raw_dir: Path) -> list[Path]:
     roots = find_dataset_roots(raw_dir)
     if not roots:
-        top = sorted(child.name for child in raw_dir.iterdir())[:20] if raw_dir.is_dir() else []
         raise DatasetLayoutError(
             "The data has no train/NORMAL and train/PNEUMONIA folders. Expected the public layout "
             "chest_xray/{train,test}/{NORMAL,PNEUMONIA}/*.jpeg (the chest_xray folder may be nested); "
-            f"its top level holds {top}. Fix data.source in params.yaml."
+            f"its top level holds {_top_level(raw_dir)}. Fix data.source in params.yaml."
         )
     return roots
+
+
+def check_external_layout(raw_dir: Path) -> list[Path]:
+    """An external set: any folder (the top one included) holding NORMAL and PNEUMONIA folders."""
+    candidates = [raw_dir, *(path for path in raw_dir.rglob("*") if path.is_dir())]
+    roots = [folder for folder in candidates if all((folder / name).is_dir() for name in CLASS_DIRS)]
+    if not roots:
+        raise DatasetLayoutError(
+            f"The external set has no NORMAL and PNEUMONIA folders; its top level holds {_top_level(raw_dir)}. "
+            "Fix data.external in params.yaml."
+        )
+    return roots[:1]
+
+
+def _top_level(folder: Path) -> list[str]:
+    return sorted(child.name for child in folder.iterdir())[:20] if folder.is_dir() else []
 
 
 def _remove(path: Path) -> None:
@@ -509,6 +521,7 @@ def prepare_raw_data(
     download_dir: Path,
     *,
     root: Path | None = None,
+    layout: Callable[[Path], list[Path]] = check_layout,
     limits: ExtractionLimits = ExtractionLimits(),
     attempts: int = RETRY_ATTEMPTS,
     backoff_s: float = RETRY_BACKOFF_S,
@@ -517,7 +530,7 @@ def prepare_raw_data(
     """Fill `out_dir` with the dataset from `source` (URL, archive or folder); return `out_dir`.
 
     Relative local sources resolve against `root` (default: the persistent project root). The data
-    is assembled in `<out_dir>.partial` and renamed into place only after the layout check, so a
+    is assembled in `<out_dir>.partial` and renamed into place only after the `layout` check, so a
     failed or killed run never leaves a half-filled `out_dir`.
     """
     if source is None or not str(source).strip():
@@ -533,7 +546,7 @@ def prepare_raw_data(
         raise DownloadError(f"data.source {text!r}: only http(s) URLs or local paths are supported")
     else:
         local = resolve_local_source(text, root or persistent_root())
-        log.info("Source: local %s", local)
+        log.info("Source: local %s", local.name)
         if digest is not None and local.is_file():
             verify_sha256(local, digest, str(local))
         elif digest is not None:
@@ -547,7 +560,7 @@ def prepare_raw_data(
         else:
             staging.mkdir(parents=True)
             extract_archive(local, staging, limits)
-        roots = check_layout(staging)
+        roots = layout(staging)
         _remove(out_dir)
         staging.rename(out_dir)
     except BaseException:
@@ -559,23 +572,46 @@ def prepare_raw_data(
     return out_dir
 
 
-def main() -> None:
-    from pipeline.common import stage_errors
+def local_override(link: Path) -> tuple[str, str | None] | None:
+    """(path, sha256 or None) of a local source linked at `link` (data/sources/... of the real project, so
+    that DVC's temporary experiment workspaces use it too), or None."""
+    if link.is_symlink() and not link.exists():
+        raise DownloadError(f"{link} links to {os.readlink(link)}, which does not exist: link the archive again "
+                            "(make repro DATA=...), or remove the link to use data.source")
+    if not link.exists():
+        return None
+    checksum = link.with_name(link.name + ".sha256")
+    digest = None
+    if checksum.is_file():
+        words = checksum.read_text(encoding="utf-8").split()
+        if not words:
+            raise DownloadError(f"{checksum} is empty: write the archive's sha256 into it, or delete it")
+        digest = words[0]
+    return str(link.resolve()), digest
 
+
+def run(params: DataParams, root: Path) -> None:
+    train = local_override(root / TRAIN_SOURCE) or (params.source, params.sha256)
+    prepare_raw_data(*train, RAW_TRAIN_DIR, root / DOWNLOAD_DIR, root=root)
+    configured = (params.external.source, params.external.sha256) if params.external else None
+    external = local_override(root / EXTERNAL_SOURCE) or configured
+    if external is None:
+        _remove(RAW_EXTERNAL_DIR)  # none configured: the archive's own test split, if any, is external
+        return
+    try:
+        prepare_raw_data(*external, RAW_EXTERNAL_DIR, root / DOWNLOAD_DIR, root=root, layout=check_external_layout)
+    except DownloadError as error:  # its messages speak of data.source: say which source this was
+        kind = DownloadError if isinstance(error, _TransientError) else type(error)
+        raise kind(f"external set (data.external or data/sources/external): {error}") from error
+
+
+def main() -> None:
     setup_logging()
-    params = stage_params("data")
-    root = persistent_root()
+    _, params = stage_params("data")
     # SIGTERM becomes an exception, so the `.partial` download and staging folder are removed on the way out.
     with stage_errors(log):
         try:
-            limits = ExtractionLimits(
-                max_members=_positive_int(params, "max_members", DEFAULT_MAX_MEMBERS),
-                max_bytes=_positive_int(params, "max_extracted_bytes", DEFAULT_MAX_EXTRACTED_BYTES),
-            )
-            prepare_raw_data(
-                params.get("source"), params.get("sha256"), RAW_DIR, root / DOWNLOAD_DIR, root=root,
-                limits=limits,
-            )
+            run(params, persistent_root())
         except DownloadError as error:
             log.error("%s", error)  # several lines on purpose: the offline hint lists the options
             raise SystemExit(1) from None

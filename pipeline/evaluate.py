@@ -1,13 +1,20 @@
-"""Stage 4: choose the threshold on validation, measure the test split with bootstrap CIs, draw plots.
+"""Stage: calibrate, choose the threshold, measure every split with bootstrap CIs, write the serving artefact.
 
-Outputs: `reports/metrics.json` (DVC metrics), `reports/plots/*.json|csv` (DVC plots), PNG figures in
-`reports/figures/` (DVC's HTML needs a CDN; PNGs do not), all also logged to the training run.
+Calibration (`evaluate.calibration`) and the threshold (`evaluate.threshold_rule`) are fitted on
+`evaluate.calibration_split`: validation, or the external set (the site the model will see). The split
+that fitted them is reported out of fold: cross-fitting by patient, so no figure is measured on the
+images that chose it. The others are measured once at the final threshold.
+
+Outputs: `models/serving.onnx` (the serving artefact: calibration folded in, the decision in its
+metadata), `reports/metrics.json` (headline figures: `dvc metrics show`), `reports/evaluation.json`
+(every metric with its CI), `reports/plots/` (DVC plots) and `reports/figures/` (PNGs, which need no CDN).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,85 +22,159 @@ import keras
 import matplotlib
 import mlflow
 import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
 
-from pipeline.common import CLASS_NAMES, REPORTS_DIR, read_json, setup_logging, stage_params, write_json
+from pipeline import artefact
+from pipeline.arrays import Split, has_split, load_split
+from pipeline.common import read_json, setup_logging, stage_errors, write_json
 from pipeline.metrics import (
     apply_temperature,
     calibration_points,
     choose_threshold,
     expected_calibration_error,
-    fit_platt,
-    fit_temperature,
+    fit_calibration,
     metrics_with_ci,
     pr_points,
     roc_points,
 )
-from pipeline.preprocess import load_split
-from pipeline.registry import CALIBRATION_BIAS_TAG, TEMPERATURE_TAG, THRESHOLD_TAG, configure_tracking
-from pipeline.serving import Scorer
-from pipeline.train import MODEL_FILE, RUN_FILE
+from pipeline.params import EvaluateParams, ParamsError, stage_params
+from pipeline.paths import (
+    ARTEFACT_FILE,
+    EVALUATION_FILE,
+    FIGURES_DIR,
+    METRICS_FILE,
+    MODEL_FILE,
+    PLOTS_DIR,
+    RUN_FILE,
+    TRAIN_SUMMARY_FILE,
+)
+from pipeline.registry import TrackingUnavailableError, configure_tracking
+from serving.decision import CLASS_NAMES, Decision
+from serving.runtime import ServingArtefact
 
 matplotlib.use("Agg")  # files only, no display
 from matplotlib import pyplot as plt
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = REPORTS_DIR / "metrics.json"
-PLOTS_DIR = REPORTS_DIR / "plots"
-FIGURES_DIR = REPORTS_DIR / "figures"
+SPLITS = ("external", "test", "val")
+# What `dvc metrics show` prints: the figures that decide, not every CI (reports/evaluation.json has them).
+HEADLINE = {
+    "external": ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"),
+    "test": ("roc_auc", "accuracy", "sensitivity", "specificity"),
+    "val": ("roc_auc",),
+}
 
 
-def evaluate(scorer: Scorer, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Calibrate and choose the threshold on validation only; then measure the test split once."""
-    val_images, val_labels = load_split("val")
-    test_images, test_labels = load_split("test")
-    raw_val, raw_test = scorer.probabilities(val_images), scorer.probabilities(test_images)
-    temperature, bias = fit_calibration(val_labels, raw_val, params.get("calibration", "none"))
-    val_scores = apply_temperature(raw_val, temperature, bias)
-    test_scores = apply_temperature(raw_test, temperature, bias)
-    threshold = choose_threshold(val_labels, val_scores, params["threshold_rule"],
-                                 params.get("target_sensitivity", 0.95))
-    resamples, seed = params["bootstrap_resamples"], params["seed"]
-    report = {
-        "threshold": round(threshold, 6),
-        "threshold_rule": params["threshold_rule"],
-        "temperature": round(temperature, 4),
-        "calibration_bias": round(bias, 4),
-        "test_ece_before_calibration": round(expected_calibration_error(test_labels, raw_test), 4),
-        "test": metrics_with_ci(test_labels, test_scores, threshold, resamples, seed),
-        "val": metrics_with_ci(val_labels, val_scores, threshold, resamples, seed),
-        "test_images": len(test_labels),
-        "val_images": len(val_labels),
-    }
-    return report, {"labels": test_labels.astype(int), "scores": test_scores}
+@dataclass(frozen=True)
+class Fit:
+    """Calibration and threshold fitted on one set of labelled raw scores."""
+
+    temperature: float
+    bias: float
+    threshold: float
+
+    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        return apply_temperature(raw, self.temperature, self.bias)
 
 
-def fit_calibration(labels: np.ndarray, raw_scores: np.ndarray, method: str) -> tuple[float, float]:
-    """(temperature, bias) for sigmoid(logit / temperature + bias), fitted on validation."""
-    if method == "temperature":
-        return fit_temperature(labels, raw_scores), 0.0
-    if method == "platt":
-        return fit_platt(labels, raw_scores)
-    if method == "none":
-        return 1.0, 0.0
-    raise ValueError(f"unknown calibration '{method}': use none, temperature or platt")
+def fit_decision(labels: np.ndarray, raw: np.ndarray, params: EvaluateParams) -> Fit:
+    temperature, bias = fit_calibration(labels, raw, params.calibration)
+    calibrated = apply_temperature(raw, temperature, bias)
+    threshold = choose_threshold(labels, calibrated, params.threshold_rule, params.target_sensitivity)
+    return Fit(temperature, bias, threshold)
 
 
-def write_plot_data(labels: np.ndarray, scores: np.ndarray, threshold: float, folder: Path) -> None:
+def cross_fitted(split: Split, raw: np.ndarray, params: EvaluateParams, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold (calibrated probabilities, thresholds): each patient's images are calibrated and judged
+    by a fit on the other folds' patients only."""
+    folds = StratifiedGroupKFold(n_splits=params.cross_fit_folds, shuffle=True, random_state=seed)
+    probabilities, thresholds = np.zeros(len(split)), np.zeros(len(split))
+    for fitted_on, held_out in folds.split(raw, split.labels, groups=split.patients):
+        fit = fit_decision(split.labels[fitted_on], raw[fitted_on], params)
+        probabilities[held_out] = fit.calibrate(raw[held_out])
+        thresholds[held_out] = fit.threshold
+    return probabilities, thresholds
+
+
+def evaluate(raw_scores: dict[str, np.ndarray], splits: dict[str, Split], params: EvaluateParams,
+             seed: int) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(the report, each split's reported (probabilities, thresholds))."""
+    chosen = params.calibration_split
+    if chosen not in splits:
+        raise ParamsError(f"evaluate.calibration_split is {chosen}, but there is no {chosen} split: configure "
+                          "data.external (or `make repro EXTERNAL=...`), or fit on val")
+    final = fit_decision(splits[chosen].labels, raw_scores[chosen], params)
+    report: dict[str, Any] = {"threshold": round(final.threshold, 6), "threshold_rule": params.threshold_rule,
+                              "calibration": params.calibration, "calibration_split": chosen,
+                              "temperature": round(final.temperature, 4), "calibration_bias": round(final.bias, 4),
+                              "splits": {}}
+    reported = {}
+    for name, split in splits.items():
+        if name == chosen:
+            probabilities, thresholds = cross_fitted(split, raw_scores[name], params, seed)
+        else:
+            probabilities, thresholds = final.calibrate(raw_scores[name]), np.full(len(split), final.threshold)
+        reported[name] = (probabilities, thresholds)
+        report["splits"][name] = {
+            "images": len(split), "patients": len(set(split.patients.tolist())),
+            "out_of_fold": name == chosen,
+            "ece_uncalibrated": round(expected_calibration_error(split.labels, raw_scores[name]), 4),
+            "metrics": metrics_with_ci(split.labels, probabilities, thresholds, params.bootstrap_resamples, seed),
+        }
+    return report, reported
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    figures: dict[str, Any] = {"threshold": report["threshold"]}
+    for split, names in HEADLINE.items():
+        if split in report["splits"]:
+            metrics = report["splits"][split]["metrics"]
+            figures[split] = {name: metrics[name]["value"] for name in names}
+    return figures
+
+
+def build_decision(report: dict[str, Any], params: EvaluateParams, keras_model: keras.Model,
+                   crop: float) -> Decision:
+    run = read_json(RUN_FILE)
+    return Decision(
+        threshold=report["threshold"], threshold_rule=params.threshold_rule,
+        input_size=int(keras_model.input_shape[1]), crop=crop,
+        calibration={"method": params.calibration, "temperature": report["temperature"],
+                     "bias": report["calibration_bias"], "fitted_on": report["calibration_split"]},
+        training_commit=run.get("git_commit", "unknown"), trained_at=run.get("trained_at"),
+        run_id=run["run_id"], data_digest=run["data_digest"],
+        metrics={split: values["metrics"] for split, values in report["splits"].items()},
+        images={split: values["images"] for split, values in report["splits"].items()},
+    )
+
+
+def model_crop(keras_model: keras.Model) -> float:
+    """The central fraction the network sees (its `centre_crop` layer), for the CAM overlay."""
+    size = int(keras_model.input_shape[1])
+    try:
+        return keras_model.get_layer("centre_crop").height / size
+    except ValueError:
+        return 1.0
+
+
+def write_plot_data(labels: np.ndarray, scores: np.ndarray, threshold: float | np.ndarray, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "roc.json", roc_points(labels, scores))
     write_json(folder / "precision_recall.json", pr_points(labels, scores))
     write_json(folder / "calibration.json", calibration_points(labels, scores))
+    predicted = scores >= threshold
     with (folder / "confusion.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["actual", "predicted"])
-        for label, score in zip(labels, scores):
-            writer.writerow([CLASS_NAMES[label], CLASS_NAMES[int(score >= threshold)]])
+        for label, decision in zip(labels, predicted):
+            writer.writerow([CLASS_NAMES[label], CLASS_NAMES[int(decision)]])
 
 
-def draw_figures(labels: np.ndarray, scores: np.ndarray, report: dict[str, Any], folder: Path) -> list[Path]:
+def draw_figures(name: str, labels: np.ndarray, scores: np.ndarray, threshold: float | np.ndarray,
+                 metrics: dict[str, Any], folder: Path, out_of_fold: bool) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    threshold, test = report["threshold"], report["test"]
+    title = f"{name} split" + (" (out of fold)" if out_of_fold else "")
     paths = []
     figure, axes = plt.subplots(figsize=(4.5, 4))
     predicted = (scores >= threshold).astype(int)
@@ -103,30 +184,28 @@ def draw_figures(labels: np.ndarray, scores: np.ndarray, report: dict[str, Any],
         axes.text(col, row, str(count), ha="center", va="center", fontsize=14,
                   color="white" if count > matrix.max() / 2 else "black")
     axes.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES,
-             xlabel="predicted", ylabel="actual", title=f"Test confusion matrix (threshold {threshold:.3f})")
-    paths.append(_save(figure, folder / "confusion_matrix.png"))
-
+             xlabel="predicted", ylabel="actual", title=f"Confusion matrix, {title}")
+    paths.append(_save(figure, folder / f"{name}_confusion_matrix.png"))
     curves = {
-        "roc.png": (roc_points(labels, scores), "fpr", "tpr", "ROC", f"AUC {test['roc_auc']['value']:.3f}"),
-        "precision_recall.png": (pr_points(labels, scores), "recall", "precision", "Precision-recall",
-                                 f"AP {test['pr_auc']['value']:.3f}"),
+        "roc": (roc_points(labels, scores), "fpr", "tpr", "ROC", f"AUC {metrics['roc_auc']['value']:.3f}"),
+        "precision_recall": (pr_points(labels, scores), "recall", "precision", "Precision-recall",
+                             f"AP {metrics['pr_auc']['value']:.3f}"),
     }
-    for name, (points, x_key, y_key, title, legend) in curves.items():
+    for kind, (points, x_key, y_key, heading, legend) in curves.items():
         figure, axes = plt.subplots(figsize=(4.5, 4))
         axes.plot([p[x_key] for p in points], [p[y_key] for p in points], label=legend)
-        axes.set(xlabel=x_key, ylabel=y_key, title=f"{title} (test)", xlim=(0, 1), ylim=(0, 1.02))
-        axes.legend(loc="lower right" if name == "roc.png" else "lower left")
-        paths.append(_save(figure, folder / name))
-
+        axes.set(xlabel=x_key, ylabel=y_key, title=f"{heading}, {title}", xlim=(0, 1), ylim=(0, 1.02))
+        axes.legend(loc="lower right" if kind == "roc" else "lower left")
+        paths.append(_save(figure, folder / f"{name}_{kind}.png"))
     figure, axes = plt.subplots(figsize=(4.5, 4))
     bins = calibration_points(labels, scores)
     axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect")
     axes.plot([b["mean_predicted"] for b in bins], [b["fraction_positive"] for b in bins], marker="o",
-              label=f"model (ECE {test['ece']['value']:.3f})")
+              label=f"model (ECE {metrics['ece']['value']:.3f})")
     axes.set(xlabel="mean predicted probability", ylabel="fraction with pneumonia",
-             title="Reliability diagram (test)", xlim=(0, 1), ylim=(0, 1))
+             title=f"Reliability, {title}", xlim=(0, 1), ylim=(0, 1))
     axes.legend(loc="upper left")
-    paths.append(_save(figure, folder / "calibration.png"))
+    paths.append(_save(figure, folder / f"{name}_calibration.png"))
     return paths
 
 
@@ -137,48 +216,57 @@ def _save(figure: Any, path: Path) -> Path:
     return path
 
 
-def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
-    flat = {"decision_threshold": report["threshold"], "temperature": report["temperature"],
-            "calibration_bias": report.get("calibration_bias", 0.0),
-            "test_ece_before_calibration": report["test_ece_before_calibration"]}
-    for split in ("test", "val"):
-        for name, values in report[split].items():
-            for key, value in values.items():
-                suffix = "" if key == "value" else f"_{key}"
-                flat[f"{split}_{name}{suffix}"] = value
-    return flat
-
-
 def log_to_training_run(report: dict[str, Any], figures: list[Path]) -> None:
-    configure_tracking()
     run_id = read_json(RUN_FILE)["run_id"]
+    flat = {"decision_threshold": report["threshold"], "temperature": report["temperature"],
+            "calibration_bias": report["calibration_bias"]}
+    for split, values in report["splits"].items():
+        for name, metric in values["metrics"].items():
+            for key, value in metric.items():
+                if value is not None:
+                    flat[f"{split}_{name}" + ("" if key == "value" else f"_{key}")] = value
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({k: v for k, v in flat_metrics(report).items() if v is not None})
-        mlflow.set_tag(THRESHOLD_TAG, str(report["threshold"]))
-        mlflow.set_tag(TEMPERATURE_TAG, str(report["temperature"]))
-        mlflow.set_tag(CALIBRATION_BIAS_TAG, str(report.get("calibration_bias", 0.0)))
-        mlflow.set_tag("threshold_rule", report["threshold_rule"])
+        mlflow.log_metrics(flat)
+        mlflow.set_tags({"threshold_rule": report["threshold_rule"], "calibration_split": report["calibration_split"]})
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="evaluation")
-        mlflow.log_artifact(str(METRICS_FILE), artifact_path="evaluation")
+        mlflow.log_artifact(str(EVALUATION_FILE), artifact_path="evaluation")
+        mlflow.log_artifact(str(ARTEFACT_FILE), artifact_path="serving")
+
+
+def run(seed: int, params: EvaluateParams) -> dict[str, Any]:
+    configure_tracking()  # first: an unreachable store fails in seconds, not after scoring and plotting
+    keras_model = keras.models.load_model(MODEL_FILE, compile=False, safe_mode=True)
+    crop = model_crop(keras_model)
+    size = int(keras_model.input_shape[1])
+    # The same ONNX graph as the final artefact, before calibration: evaluation scores what is served.
+    uncalibrated = ServingArtefact(artefact.build(keras_model, Decision(0.5, "none", size, crop=crop)), "uncalibrated")
+    splits = {name: load_split(name) for name in SPLITS if has_split(name)}
+    raw_scores = {name: uncalibrated.probabilities(split.images) for name, split in splits.items()}
+    report, reported = evaluate(raw_scores, splits, params, seed)
+    report["train"] = read_json(TRAIN_SUMMARY_FILE)
+    decision = build_decision(report, params, keras_model, crop)
+    ARTEFACT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    ARTEFACT_FILE.write_bytes(artefact.build(keras_model, decision))
+    write_json(EVALUATION_FILE, report)
+    write_json(METRICS_FILE, headline(report))
+    figures = []
+    for name in ("external", "test"):
+        if name in splits:
+            probabilities, thresholds = reported[name]
+            write_plot_data(splits[name].labels, probabilities, thresholds, PLOTS_DIR / name)
+            figures += draw_figures(name, splits[name].labels, probabilities, thresholds,
+                                    report["splits"][name]["metrics"], FIGURES_DIR,
+                                    report["splits"][name]["out_of_fold"])
+    log_to_training_run(report, figures)
+    return report
 
 
 def main() -> None:
-    from pipeline.common import stage_errors
-    from pipeline.registry import TrackingUnavailableError
-
     setup_logging()
-    with stage_errors(log, TrackingUnavailableError):
-        configure_tracking()  # first: an unreachable store fails in seconds, not after scoring and plotting
-        params = stage_params("evaluate")
-        scorer = Scorer(keras.models.load_model(MODEL_FILE, compile=False, safe_mode=True))
-        report, test = evaluate(scorer, params)
-        write_json(METRICS_FILE, report)
-        write_plot_data(test["labels"], test["scores"], report["threshold"], PLOTS_DIR)
-        figures = draw_figures(test["labels"], test["scores"], report, FIGURES_DIR)
-        log_to_training_run(report, figures)
-    log.info("threshold %.4f; test %s", report["threshold"],
-             {name: values["value"] for name, values in report["test"].items()})
+    with stage_errors(log, TrackingUnavailableError, ParamsError):
+        report = run(*stage_params("evaluate"))
+    log.info("threshold %.4f (fitted on %s); %s", report["threshold"], report["calibration_split"], headline(report))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bi
     return float(error)
 
 
-def point_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
+def point_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float | np.ndarray) -> dict[str, float]:
+    """`threshold` is one value, or one per image (out-of-fold decisions, each at its own fold's threshold)."""
     labels = np.asarray(labels).astype(int)
     predicted = (probabilities >= threshold).astype(int)
     true_pos = int(np.sum((predicted == 1) & (labels == 1)))
@@ -84,21 +85,23 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else float("nan")
 
 
-def metrics_with_ci(labels: np.ndarray, probabilities: np.ndarray, threshold: float,
+def metrics_with_ci(labels: np.ndarray, probabilities: np.ndarray, threshold: float | np.ndarray,
                     resamples: int, seed: int, confidence: float = 0.95) -> dict[str, dict[str, float]]:
-    """Each metric with a percentile bootstrap CI (resampling images, stratified by class)."""
+    """Each metric with a percentile bootstrap CI (resampling images, stratified by class). `threshold` is
+    one value or one per image."""
     labels = np.asarray(labels).astype(int)
     probabilities = np.asarray(probabilities, dtype=np.float64)
+    thresholds = np.broadcast_to(np.asarray(threshold, dtype=np.float64), probabilities.shape)
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(labels == value) for value in (0, 1)]
     samples: dict[str, list[float]] = {}
     for _ in range(resamples):
         index = np.concatenate([rng.choice(members, size=len(members)) for members in by_class if len(members)])
-        for name, value in point_metrics(labels[index], probabilities[index], threshold).items():
+        for name, value in point_metrics(labels[index], probabilities[index], thresholds[index]).items():
             samples.setdefault(name, []).append(value)
     tail = 100 * (1 - confidence) / 2
     result = {}
-    for name, value in point_metrics(labels, probabilities, threshold).items():
+    for name, value in point_metrics(labels, probabilities, thresholds).items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN resamples: the CI is undefined too
             low, high = np.nanpercentile(samples[name], [tail, 100 - tail]) if resamples else (np.nan, np.nan)
@@ -146,26 +149,31 @@ def apply_temperature(probabilities: np.ndarray, temperature: float, bias: float
 
 
 def fit_temperature(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """The temperature minimising the validation log-loss (Guo et al. 2017, temperature scaling)."""
-    from scipy.optimize import minimize_scalar
-
-    labels = np.asarray(labels, dtype=np.float64)
-    logits = _logits(probabilities)
-
-    def negative_log_likelihood(log_temperature: float) -> float:
-        scaled = logits / np.exp(log_temperature)
-        return float(np.mean(np.logaddexp(0.0, -scaled) * labels + np.logaddexp(0.0, scaled) * (1 - labels)))
-
-    result = minimize_scalar(negative_log_likelihood, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
-    return float(np.exp(result.x))
+    """The temperature minimising the log-loss (Guo et al. 2017, temperature scaling)."""
+    return _fit_logistic(labels, probabilities, with_bias=False)[0]
 
 
 def fit_platt(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, float]:
-    """(temperature, bias) minimising the validation log-loss (Platt scaling on the logit).
+    """(temperature, bias) minimising the log-loss (Platt scaling on the logit).
 
     Temperature alone cannot fix a model whose logits are shifted rather than stretched, which is what
-    training on harder (augmented) images than it is evaluated on does.
+    training on harder (augmented) images than it is evaluated on does, or a new site's images.
     """
+    return _fit_logistic(labels, probabilities, with_bias=True)
+
+
+def fit_calibration(labels: np.ndarray, probabilities: np.ndarray, method: str) -> tuple[float, float]:
+    """(temperature, bias) for sigmoid(logit / temperature + bias): none, temperature or platt."""
+    if method == "temperature":
+        return fit_temperature(labels, probabilities), 0.0
+    if method == "platt":
+        return fit_platt(labels, probabilities)
+    if method == "none":
+        return 1.0, 0.0
+    raise ValueError(f"unknown calibration '{method}': use none, temperature or platt")
+
+
+def _fit_logistic(labels: np.ndarray, probabilities: np.ndarray, with_bias: bool) -> tuple[float, float]:
     from scipy.optimize import minimize
 
     labels = np.asarray(labels, dtype=np.float64)
@@ -175,6 +183,7 @@ def fit_platt(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, flo
         scaled = logits / np.exp(values[0]) + values[1]
         return float(np.mean(np.logaddexp(0.0, -scaled) * labels + np.logaddexp(0.0, scaled) * (1 - labels)))
 
+    bias_bounds = (-10.0, 10.0) if with_bias else (0.0, 0.0)
     result = minimize(negative_log_likelihood, x0=np.zeros(2), method="L-BFGS-B",
-                      bounds=[(np.log(0.05), np.log(20.0)), (-10.0, 10.0)])
+                      bounds=[(np.log(0.05), np.log(20.0)), bias_bounds])
     return float(np.exp(result.x[0])), float(result.x[1])

@@ -4,44 +4,48 @@ serving feeds raw greyscale pixels (0..255, float32, N x S x S x 1) exactly as p
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from pipeline.params import AugmentParams, TrainParams
+
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "pneumonia_probability"
 
 
-NORMALIZATIONS = ("none", "per_image")
-
-
-def build_model(input_size: int, image_size: int, filters: list[int], dropout: float,
-                convs_per_block: int = 2, normalization: str = "none") -> keras.Model:
+def build_model(input_size: int, params: TrainParams) -> keras.Model:
     """Conv blocks (conv-BN-ReLU x convs_per_block, then max-pool), global pooling, one sigmoid unit.
 
     normalization "per_image" standardises each image to zero mean and unit variance, so a darker or
-    flatter exposure reaches the convolutions looking like any other.
+    flatter exposure reaches the convolutions looking like any other. `crop` < 1 keeps only that central
+    fraction of the side (borders hold markers and text, not lungs). `stem_filters` > 0 adds a strided
+    convolution first, so the blocks work at half of `image_size`.
     """
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization '{normalization}': use one of {NORMALIZATIONS}")
-    if not filters:
-        raise ValueError("train.filters must list at least one block width")
-    if image_size < 2 ** len(filters):
+    image_size, filters, crop = params.image_size, params.filters, params.crop
+    stride = 2 if params.stem_filters else 1
+    if image_size < stride * 2 ** len(filters):
         raise ValueError(f"image_size {image_size} is too small for {len(filters)} pooling blocks")
     inputs = keras.Input(shape=(input_size, input_size, 1), name=INPUT_NAME)
     x = inputs
-    if image_size != input_size:
+    if crop < 1.0:
+        kept = round(input_size * crop)
+        x = layers.CenterCrop(kept, kept, name="centre_crop")(x)
+    if image_size != x.shape[1]:
         x = layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(x)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
-    if normalization == "per_image":
+    if params.normalization == "per_image":
         # A built-in layer (not a Lambda): models must load in Keras safe mode and convert to ONNX.
         x = layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, epsilon=1e-5,
                                       name="per_image_standardise")(x)
+    if params.stem_filters:
+        x = layers.Conv2D(params.stem_filters, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
+        x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
+        x = layers.ReLU(name="stem_relu")(x)
     for block, width in enumerate(filters, start=1):
-        for conv in range(1, convs_per_block + 1):
+        for conv in range(1, params.convs_per_block + 1):
             x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}")(x)
             # momentum 0.9, not 0.99: with ~100 steps an epoch the moving statistics must settle within
             # the first epoch, or validation (inference mode) sees saturated outputs and an AUC of 0.5.
@@ -49,43 +53,55 @@ def build_model(input_size: int, image_size: int, filters: list[int], dropout: f
             x = layers.ReLU(name=f"block{block}_relu{conv}")(x)
         x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
     x = layers.GlobalAveragePooling2D(name="global_pool")(x)
-    x = layers.Dropout(dropout, name="dropout")(x)
+    x = layers.Dropout(params.dropout, name="dropout")(x)
     outputs = layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(x)
     return keras.Model(inputs, outputs, name="pneumonia_cnn")
 
 
-def last_conv_layer_name(model: keras.Model) -> str:
-    """The deepest convolution's activation, which Grad-CAM needs."""
-    names = [layer.name for layer in model.layers if layer.name.startswith("block") and "_relu" in layer.name]
-    if not names:
-        raise ValueError("model has no convolutional block")
-    return names[-1]
-
-
-def augment(image: tf.Tensor, seed: tf.Tensor, settings: dict[str, float]) -> tf.Tensor:
+def augment(image: tf.Tensor, seed: tf.Tensor, settings: AugmentParams) -> tf.Tensor:
     """Random geometry and exposure, from a stateless seed so every run draws the same numbers.
 
     No horizontal flips: a mirrored chest (heart on the right) is not a plausible X-ray.
     """
     seeds = tf.random.experimental.stateless_split(seed, num=8)
     size = tf.shape(image)[0]
-    angle = _uniform(seeds[0], settings.get("rotation_deg", 0.0)) * (math.pi / 180.0)
-    scale = 1.0 + _uniform(seeds[1], settings.get("zoom", 0.0))
-    shifts = _uniform(seeds[2], settings.get("shift", 0.0), shape=[2]) * tf.cast(size, tf.float32)
+    angle = _uniform(seeds[0], settings.rotation_deg) * (math.pi / 180.0)
+    scale = 1.0 + _uniform(seeds[1], settings.zoom)
+    shifts = _uniform(seeds[2], settings.shift, shape=[2]) * tf.cast(size, tf.float32)
     image = _affine(image, angle, scale, shifts)
-    brightness = _uniform(seeds[3], settings.get("brightness", 0.0)) * 255.0
-    contrast = 1.0 + _uniform(seeds[4], settings.get("contrast", 0.0))
-    log_gamma = _uniform(seeds[5], settings.get("gamma", 0.0))
+    brightness = _uniform(seeds[3], settings.brightness) * 255.0
+    contrast = 1.0 + _uniform(seeds[4], settings.contrast)
+    log_gamma = _uniform(seeds[5], settings.gamma)
     mean = tf.reduce_mean(image)
     image = (image - mean) * contrast + mean + brightness
     image = 255.0 * tf.pow(tf.clip_by_value(image / 255.0, 0.0, 1.0), tf.exp(log_gamma))
     # Sensor noise of a random strength up to `noise` (in grey levels).
-    noise_level = tf.abs(_uniform(seeds[6], settings.get("noise", 0.0)))
+    noise_level = tf.abs(_uniform(seeds[6], settings.noise))
     image = image + noise_level * tf.random.stateless_normal(tf.shape(image), seed=seeds[7])
-    if settings.get("downscale", 0.0) > 0:
+    if settings.downscale > 0:
         # A seed of its own, so recipes without this option draw exactly the numbers they always did.
-        image = _downscale(image, tf.random.experimental.stateless_fold_in(seed, 1), settings["downscale"])
+        image = _downscale(image, tf.random.experimental.stateless_fold_in(seed, 1), settings.downscale)
+    if settings.erase > 0:
+        image = _erase(image, tf.random.experimental.stateless_fold_in(seed, 2), settings.erase)
     return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def _erase(image: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.Tensor:
+    """With `probability`, one random rectangle (2-20% of the area, aspect 1:3 to 3:1) filled with a
+    random grey (random erasing, Zhong et al. 2020): no single region may decide alone."""
+    seeds = tf.random.experimental.stateless_split(seed, num=5)
+    size = tf.cast(tf.shape(image)[0], tf.float32)
+    area = tf.random.stateless_uniform([], seeds[0], 0.02, 0.20) * size * size
+    log_aspect = tf.random.stateless_uniform([], seeds[1], -math.log(3.0), math.log(3.0))
+    height = tf.minimum(tf.sqrt(area * tf.exp(log_aspect)), size)
+    width = tf.minimum(tf.sqrt(area / tf.exp(log_aspect)), size)
+    corner = tf.random.stateless_uniform([2], seeds[2], 0.0, 1.0) * (size - tf.stack([height, width]))
+    rows = tf.range(size)[:, tf.newaxis, tf.newaxis]
+    cols = tf.range(size)[tf.newaxis, :, tf.newaxis]
+    inside = ((rows >= corner[0]) & (rows < corner[0] + height) & (cols >= corner[1]) & (cols < corner[1] + width))
+    apply = tf.random.stateless_uniform([], seeds[3], 0.0, 1.0) < probability
+    fill = tf.random.stateless_uniform([], seeds[4], 0.0, 255.0)
+    return tf.where(inside & apply, fill, image)
 
 
 def _downscale(image: tf.Tensor, seed: tf.Tensor, limit: float) -> tf.Tensor:
@@ -120,7 +136,7 @@ def _affine(image: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor, shifts: tf.Ten
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                 augmentation: dict[str, Any] | None = None) -> tf.data.Dataset:
+                 augmentation: AugmentParams | None = None) -> tf.data.Dataset:
     """In-memory dataset of (float32 N x S x S x 1 raw pixels, float32 labels); shuffled and
     augmented only when `augmentation` is given."""
     features = images[..., np.newaxis]

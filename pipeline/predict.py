@@ -1,8 +1,9 @@
 """Score image files and folders with a registered model: `python -m pipeline.predict PATH... [--model-uri
-URI] [--output CSV]`. Writes path, probability of pneumonia and label at the model's stored threshold.
+URI] [--output CSV]`. Writes path, probability of pneumonia and label at the model's registered threshold.
 
-Exit status: 0 all files scored; 1 some files could not be read (their rows carry the error, the
-rest are scored); 2 no usable model or no input files.
+It runs the serving artefact (`serving.runtime`, no TensorFlow), so it accepts, refuses and labels files
+exactly as the app and the MLflow model do. Exit status: 0 all files scored; 1 some files could not be
+read or were refused (their rows carry the error, the rest are scored); 2 no usable model or no input files.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.common import one_line, setup_logging
-from pipeline.imaging import DICOM_MAGIC_OFFSET, is_dicom
-from pipeline.registry import ModelUnavailableError, TrackingUnavailableError, production_uri
+from serving.pixels import DICOM_MAGIC_OFFSET, is_dicom
+from serving.runtime import Predictor
+from serving.store import ModelUnavailableError, TrackingUnavailableError, load_artefact, production_uri
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def write_csv(predictions: list, handle: TextIO) -> None:
     writer.writerow(COLUMNS)
     for prediction in predictions:
         probability = "" if prediction.probability is None else f"{prediction.probability:.6f}"
-        writer.writerow([prediction.path, probability, prediction.label or "", prediction.error or ""])
+        writer.writerow([prediction.name, probability, prediction.label or "", prediction.error or ""])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,32 +73,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    setup_logging()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     paths = expand_paths(args.paths)
     if not paths:
         log.error("no image files found in %s", " ".join(args.paths))
         return 2
-    from pipeline.serving import Predictor  # TensorFlow loads only once the arguments are valid
-
     uri = args.model_uri or production_uri()
     try:
-        predictor = Predictor.from_uri(uri)
+        predictor = Predictor(load_artefact(uri))
     except (ModelUnavailableError, TrackingUnavailableError) as error:
-        log.error("%s", one_line(error))  # one line: the cause, not a traceback
+        log.error("%s", " ".join(str(error).split()))  # one line: the cause, not a traceback
         return 2
     predictions = predictor.predict_paths(paths)
     failed = [p for p in predictions if p.error]
     for prediction in failed:
-        log.warning("could not read %r: %s", prediction.path, prediction.error)  # %r: names may hold newlines
+        log.warning("not scored %r: %s", prediction.name, prediction.error)  # %r: names may hold newlines
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with args.output.open("w", newline="", encoding="utf-8") as handle:
             write_csv(predictions, handle)
     else:
         write_csv(predictions, sys.stdout)
-    log.info("scored %d of %d files with %s (threshold %.4f)", len(predictions) - len(failed), len(predictions),
-             uri, predictor.threshold)
+    decision = predictor.decision
+    log.info("scored %d of %d files with %s version %s (threshold %.4f)", len(predictions) - len(failed),
+             len(predictions), decision.model_name, decision.model_version, predictor.threshold)
     return 1 if failed else 0
 
 

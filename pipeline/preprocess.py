@@ -1,42 +1,44 @@
-"""Stage 2: decode every image to 8-bit greyscale, split by patient, write compact arrays.
+"""Stage: decode every image to 8-bit greyscale, split by patient, write compact arrays.
 
-Outputs: `data/prepared/{train,val,test}.npz` (uint8 images N x S x S, uint8 labels), a manifest CSV
-(file, patient, label, split) and `reports/data_summary.json` (counts, skipped files).
+- train, val and test are carved by patient from the archive's training folder (test: in-distribution
+  figures);
+- external is the separate external set (`data.external`, or a local one in data/sources), else the
+  archive's own test folder (the official test split in the public archive), else absent.
+Outputs: `data/prepared/{train,val,test[,external]}.npz` (images, labels, patients), a manifest CSV
+(file, patient, label, split) and `reports/data_summary.json` (counts, skipped files, overlap check).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import re
-import zipfile
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.common import (
-    CLASS_NAMES,
-    PREPARED_DIR,
-    RAW_DIR,
-    REPORTS_DIR,
-    setup_logging,
-    stage_params,
-    write_json,
-)
-from pipeline.imaging import ImageDecodeError, decode_greyscale, read_bytes, resize_grey
+from pipeline.arrays import Split, save_split
+from pipeline.common import setup_logging, stage_errors, write_json
+from pipeline.params import PreprocessParams, stage_params
+from pipeline.paths import DATA_SUMMARY_FILE, MANIFEST_FILE, RAW_DIR, RAW_EXTERNAL_DIR, split_file
+from serving.decision import CLASS_NAMES
+from serving.imaging import ImageDecodeError, decode_greyscale, read_bytes, resize_grey
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+CARVED_SPLITS = ("train", "val", "test")
+EXTERNAL = "external"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
-# personN_bacteria_M / personN_virus_M: child N. IM-XXXX-YYYY and NORMAL2-IM-XXXX-YYYY: study IM-XXXX
-# (the NORMAL2 prefix is folded in, so a study that appears under both names stays on one side).
+# personN_bacteria_M / personN_virus_M: child N. IM-XXXX-YYYY (and IM-XXXX-YYYY-ZZZZ in the test folder),
+# NORMAL2-IM-XXXX-YYYY: study IM-XXXX (the NORMAL2 prefix is folded in, so a study that appears under
+# both names stays on one side).
 _PNEUMONIA_PATIENT = re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+$", re.IGNORECASE)
-_NORMAL_PATIENT = re.compile(r"^(?:NORMAL2-)?(IM-\d+)-\d+$", re.IGNORECASE)
+_NORMAL_PATIENT = re.compile(r"^(?:NORMAL2-)?(IM-\d+)(?:-\d+)+$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -57,28 +59,26 @@ def patient_id(file_name: str) -> str:
     return f"file:{stem.lower()}"
 
 
-def find_split_dirs(raw_dir: Path) -> dict[str, Path]:
-    """Locate `<root>/train` (required) and `<root>/test` (optional) holding NORMAL and PNEUMONIA folders."""
-    for candidate in sorted(raw_dir.rglob("train")):
-        if _has_class_folders(candidate):
-            found = {"train": candidate}
-            test_dir = candidate.parent / "test"
-            if _has_class_folders(test_dir):
-                found["test"] = test_dir
-            return found
-    raise ValueError(f"no train/NORMAL and train/PNEUMONIA folders under {raw_dir}")
+def find_class_root(folder: Path) -> Path | None:
+    """`folder`, or the first folder under it, holding NORMAL and PNEUMONIA folders."""
+    candidates = [folder, *sorted(path for path in folder.rglob("*") if path.is_dir())]
+    return next((path for path in candidates if _has_class_folders(path)), None)
 
 
 def _has_class_folders(folder: Path) -> bool:
-    return all((folder / name).is_dir() for name in CLASS_NAMES)
+    return all((folder / class_name).is_dir() for class_name in CLASS_NAMES)
 
 
-def list_records(split_dir: Path, raw_dir: Path) -> list[Record]:
+def list_records(class_root: Path, raw_dir: Path, namespace: str = "") -> list[Record]:
+    """Images under class_root/{NORMAL,PNEUMONIA}. `namespace` prefixes patient ids: the dataset numbers
+    the patients of its training and test folders independently, so IM-0129 in one is not IM-0129 in
+    the other."""
     records = []
     for label, class_name in enumerate(CLASS_NAMES):
-        for path in sorted((split_dir / class_name).rglob("*")):
+        for path in sorted((class_root / class_name).rglob("*")):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-                records.append(Record(path.relative_to(raw_dir).as_posix(), patient_id(path.name), label))
+                patient = f"{namespace}{patient_id(path.name)}"
+                records.append(Record(path.relative_to(raw_dir).as_posix(), patient, label))
     return records
 
 
@@ -116,34 +116,44 @@ def _majority(labels: list[int]) -> int:
 
 
 def assign_splits(raw_dir: Path, val_fraction: float, test_fraction: float, seed: int) -> list[Record]:
-    """All records with their split: the archive's own test split when present, else one carved by patient."""
+    """All records (files relative to `raw_dir`) with their split: train, val and test carved by patient
+    from the training folder; external from `raw_dir/external` when present, else from the archive's own
+    test folder."""
     if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(f"bad split fractions: val={val_fraction}, test={test_fraction}")
-    split_dirs = find_split_dirs(raw_dir)
-    pool = list_records(split_dirs["train"], raw_dir)
-    fractions = {"val": val_fraction}
-    records: list[Record] = []
-    if "test" in split_dirs:
-        records += [_with_split(r, "test") for r in list_records(split_dirs["test"], raw_dir)]
-        log.info("using the archive's own test split (%d images)", len(records))
-    else:
-        fractions = {"test": test_fraction, "val": val_fraction}
-        log.info("archive has no test split: carving %.0f%% of patients for test", 100 * test_fraction)
+    external_dir = raw_dir / RAW_EXTERNAL_DIR.name
+    train_root = next((path for path in sorted(raw_dir.rglob("train"))
+                       if _has_class_folders(path) and external_dir not in path.parents), None)
+    if train_root is None:
+        raise ValueError(f"no train/NORMAL and train/PNEUMONIA folders under {raw_dir}")
+    pool = list_records(train_root, raw_dir)
+    fractions = {"test": test_fraction, "val": val_fraction} if test_fraction else {"val": val_fraction}
     assignment = split_by_patient(pool, fractions, seed)
-    records += [_with_split(r, assignment[r.patient]) for r in pool]
+    records = [replace(record, split=assignment[record.patient]) for record in pool]
+    external_root = _external_root(external_dir, train_root)
+    if external_root is not None:
+        external = list_records(external_root, raw_dir, namespace=f"{EXTERNAL}:")
+        log.info("external set: %d images from %s", len(external), external_root.relative_to(raw_dir))
+        records += [replace(record, split=EXTERNAL) for record in external]
     return records
 
 
-def _with_split(record: Record, split: str) -> Record:
-    return Record(record.file, record.patient, record.label, split)
+def _external_root(external_dir: Path, train_root: Path) -> Path | None:
+    if external_dir.is_dir():
+        found = find_class_root(external_dir)
+        if found is None:
+            raise ValueError(f"the external set in {external_dir} has no NORMAL and PNEUMONIA folders")
+        return found
+    archive_test = train_root.parent / "test"
+    return archive_test if _has_class_folders(archive_test) else None
 
 
-def decode_all(records: list[Record], raw_dir: Path, size: int, workers: int) -> tuple[dict, list[dict]]:
+def decode_all(records: list[Record], base_dir: Path, size: int, workers: int) -> tuple[dict, list[dict]]:
     """Decode images in parallel (PIL releases the GIL); unreadable files are skipped with a reason."""
 
     def load(record: Record) -> np.ndarray | str:
         try:
-            return resize_grey(decode_greyscale(read_bytes(raw_dir / record.file)), size)
+            return resize_grey(decode_greyscale(read_bytes(base_dir / record.file)), size)
         except ImageDecodeError as error:
             return str(error)
 
@@ -159,38 +169,43 @@ def decode_all(records: list[Record], raw_dir: Path, size: int, workers: int) ->
     return images, skipped
 
 
-def write_outputs(records: list[Record], images: dict, skipped: list[dict], out_dir: Path,
-                  summary_path: Path, size: int) -> dict:
+def shared_images(images: dict[str, np.ndarray], records: list[Record]) -> list[str]:
+    """External files whose decoded pixels are identical to an image of train, val or test: the same
+    X-ray on both sides would make external figures in-distribution ones."""
+    carved = {_digest(images[r.file]) for r in records if r.split in CARVED_SPLITS and r.file in images}
+    return [r.file for r in records if r.split == EXTERNAL and r.file in images and _digest(images[r.file]) in carved]
+
+
+def _digest(image: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def write_outputs(records: list[Record], images: dict, skipped: list[dict], size: int) -> dict:
     kept = [record for record in records if record.file in images]
+    duplicates = shared_images(images, kept)
+    if duplicates:
+        raise ValueError(f"{len(duplicates)} external images are also in the training data "
+                         f"(e.g. {duplicates[0]}): the external set must be other patients' images")
     summary: dict = {"image_size": size, "skipped": skipped, "splits": {}}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
+    present = [split for split in (*CARVED_SPLITS, EXTERNAL) if any(r.split == split for r in kept)]
+    for split in present:
         chosen = [record for record in kept if record.split == split]
         counts = Counter(CLASS_NAMES[record.label] for record in chosen)
         empty = [name for name in CLASS_NAMES if counts[name] == 0]
         if empty:
             raise ValueError(f"split '{split}' has no {', '.join(empty)} images left after decoding")
-        stack = np.stack([images[record.file] for record in chosen])
-        labels = np.array([record.label for record in chosen], dtype=np.uint8)
-        save_arrays(out_dir / f"{split}.npz", images=stack, labels=labels)
+        save_split(split_file(split), Split(
+            np.stack([images[record.file] for record in chosen]),
+            np.array([record.label for record in chosen], dtype=np.uint8),
+            np.array([record.patient for record in chosen])))
         summary["splits"][split] = {
-            "images": len(chosen),
-            "patients": len({record.patient for record in chosen}),
+            "images": len(chosen), "patients": len({record.patient for record in chosen}),
             **{name.lower(): counts[name] for name in CLASS_NAMES},
         }
-    _write_manifest(out_dir / "manifest.csv", kept)
-    write_json(summary_path, summary)
+    summary["external_images_also_in_training_data"] = 0 if EXTERNAL in present else None
+    _write_manifest(MANIFEST_FILE, kept)
+    write_json(DATA_SUMMARY_FILE, summary)
     return summary
-
-
-def save_arrays(path: Path, **arrays: np.ndarray) -> None:
-    """An .npz that np.load reads, byte-identical for identical arrays: np.savez stamps the current
-    time into the zip, which would make DVC see new data (and retrain) after every rerun."""
-    with zipfile.ZipFile(path, "w") as archive:
-        for name, array in arrays.items():
-            member = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with archive.open(member, "w", force_zip64=True) as handle:
-                np.lib.format.write_array(handle, np.ascontiguousarray(array))
 
 
 def _write_manifest(path: Path, records: list[Record]) -> None:
@@ -201,23 +216,19 @@ def _write_manifest(path: Path, records: list[Record]) -> None:
             writer.writerow([record.file, record.patient, CLASS_NAMES[record.label], record.split])
 
 
-def load_split(split: str, prepared_dir: Path = PREPARED_DIR) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 N x S x S, labels uint8 N) of one prepared split."""
-    with np.load(prepared_dir / f"{split}.npz") as arrays:
-        return arrays["images"], arrays["labels"]
+def run(seed: int, params: PreprocessParams) -> dict:
+    for stale in (*CARVED_SPLITS, EXTERNAL):
+        split_file(stale).unlink(missing_ok=True)  # an external set removed from params must not linger
+    records = assign_splits(RAW_DIR, params.val_fraction, params.test_fraction, seed)
+    images, skipped = decode_all(records, RAW_DIR, params.image_size, params.workers)
+    return write_outputs(records, images, skipped, params.image_size)
 
 
 def main() -> None:
-    from pipeline.common import stage_errors
-
     setup_logging()
     with stage_errors(log):  # SIGTERM: a clear line and exit status 143, not a traceback
-        params = stage_params("preprocess")
-        records = assign_splits(RAW_DIR, params["val_fraction"], params["test_fraction"], params["seed"])
-        images, skipped = decode_all(records, RAW_DIR, params["image_size"], params.get("workers", 2))
-        summary = write_outputs(records, images, skipped, PREPARED_DIR, REPORTS_DIR / "data_summary.json",
-                                params["image_size"])
-    log.info("prepared %s; skipped %d files", summary["splits"], len(skipped))
+        summary = run(*stage_params("preprocess"))
+    log.info("prepared %s; skipped %d files", summary["splits"], len(summary["skipped"]))
 
 
 if __name__ == "__main__":

@@ -1,140 +1,136 @@
-"""Stage 5: register the trained model as a new version; move the `production` alias to it only when
-it is at least as good as the current production version on the same data, re-scored today.
+"""Stage: register the serving artefact as a new version of the MLflow model; move the `production` alias
+to it only when it is at least as good as the current production version on the same images, today.
 
-The deciding metric is `register.promotion_metric` on `register.promotion_split` (default: ROC-AUC,
-threshold-free so models with different thresholds compare fairly, on the validation split: choosing
-between models is selection, and nothing is selected on the test split). The decision is kept as
-version tags, in the version's description and in `reports/registry.json`.
+The registered model is a pyfunc around the ONNX artefact (`serving.pyfunc`), with the registry name and
+version stamped into the artefact's decision; the Keras model stays logged in the same run for
+retraining. The deciding metric is `register.promotion_metric`, scored on the external set when there is
+one, else on validation (choosing between models is selection: never on the carved test split). The
+decision is kept as version tags, in the version's description and in `models/registration.json`; the
+registered artefact itself is exported to `models/registered/` (tracked by DVC, so `dvc pull` brings it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import keras
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.common import (
-    REPORTS_DIR,
-    git_commit,
-    read_json,
-    setup_logging,
-    stage_errors,
-    stage_params,
-    write_json,
-)
-from pipeline.evaluate import METRICS_FILE
+from pipeline.arrays import has_split, load_split
+from pipeline.common import git_commit, read_json, setup_logging, stage_errors, write_json
+from pipeline.export import write_bundle
 from pipeline.metrics import point_metrics
-from pipeline.preprocess import load_split
-from pipeline.registry import (
-    BUNDLE_ONNX,
-    CALIBRATION_BIAS_TAG,
-    CARD_TAG,
-    ONNX_TAG,
-    PRODUCTION_ALIAS,
-    TEMPERATURE_TAG,
-    THRESHOLD_TAG,
-    ModelUnavailableError,
-    TrackingUnavailableError,
-    configure_tracking,
-    load_serving_model,
-)
-from pipeline.serving import Scorer, convert_to_onnx
-from pipeline.train import MODEL_FILE, RUN_FILE
+from pipeline.params import RegisterParams, stage_params
+from pipeline.paths import ARTEFACT_FILE, REGISTERED_DIR, REGISTRY_FILE, RUN_FILE
+from pipeline.registry import MODEL_NAME, PRODUCTION_ALIAS, TrackingUnavailableError, configure_tracking
+from serving import decision as decision_store
+from serving.pyfunc import ARTEFACT_KEY, SIGNATURE
+from serving.runtime import ServingArtefact
+from serving.store import ARTEFACT_FILE as ARTEFACT_NAME
+from serving.store import ModelUnavailableError, load_artefact
 
 log = logging.getLogger(__name__)
 
-DECISION_FILE = REPORTS_DIR / "registry.json"
+SERVING_MODEL_NAME = "serving-model"
+# The pyfunc is logged as code, not as a pickled object: loading it runs no stored bytes.
+PYFUNC_CODE = Path("serving") / "pyfunc_model.py"
+EXAMPLE_IMAGE = Path("examples") / "normal_IM-0115-0001.png"
 
 
-def model_card(run: dict[str, Any], report: dict[str, Any], run_info: Any) -> dict[str, Any]:
-    """What the app's model panel shows: provenance, threshold and test metrics with CIs."""
-    return {
-        "run_id": run["run_id"],
-        "trained_at": run_info.info.start_time,
-        "git_commit": run_info.data.tags.get("git_commit", "unknown"),
-        "data_digest": run["data_digest"],
-        "threshold": report["threshold"],
-        "threshold_rule": report["threshold_rule"],
-        "temperature": report.get("temperature", 1.0),
-        "calibration_bias": report.get("calibration_bias", 0.0),
-        "test_images": report["test_images"],
-        "test_metrics": report["test"],
-    }
+def promotion_split() -> str:
+    return "external" if has_split("external") else "val"
 
 
-def current_production_score(client: MlflowClient, name: str, metric: str,
-                             split: str) -> tuple[str | None, float | None]:
+def score(model: ServingArtefact, split: str, metric: str) -> float:
+    data = load_split(split)
+    return float(point_metrics(data.labels, model.probabilities(data.images), model.decision.threshold)[metric])
+
+
+def production_score(client: MlflowClient, split: str, metric: str) -> tuple[str | None, float | None]:
     """(version, metric on today's `split`) of the current production model, or (None, None)."""
     try:
-        version = client.get_model_version_by_alias(name, PRODUCTION_ALIAS)
+        version = client.get_model_version_by_alias(MODEL_NAME, PRODUCTION_ALIAS)
     except MlflowException:
         return None, None
     try:
-        serving = load_serving_model(f"models:/{name}/{version.version}")
+        model = load_artefact(f"models:/{MODEL_NAME}/{version.version}")
     except ModelUnavailableError as error:
         log.warning("production version %s cannot be loaded (%s): it will be replaced", version.version, error)
         return version.version, None
-    images, labels = load_split(split)
-    scores = Scorer.for_model(serving).probabilities(images)
-    return version.version, point_metrics(labels, scores, serving.threshold)[metric]
+    return version.version, score(model, split, metric)
 
 
-def log_onnx_twin(run_id: str) -> str | None:
-    """Convert the trained model to ONNX once, here, so that serving need not at every start."""
-    onnx_model = convert_to_onnx(keras.models.load_model(MODEL_FILE, compile=False, safe_mode=True))
-    if onnx_model is None:
-        return None
-    with tempfile.TemporaryDirectory() as scratch:
-        path = Path(scratch) / BUNDLE_ONNX
-        path.write_bytes(onnx_model)
-        MlflowClient().log_artifact(run_id, str(path), artifact_path="onnx")
-    return f"runs:/{run_id}/onnx/{BUNDLE_ONNX}"
+def next_version(client: MlflowClient) -> str:
+    """The number the registry will give the next version (it counts up from 1), so that the artefact can
+    carry it before it is logged; checked after registration."""
+    try:
+        versions = client.search_model_versions(f"name='{MODEL_NAME}'")
+    except MlflowException:
+        return "1"
+    return str(max((int(v.version) for v in versions), default=0) + 1)
 
 
-def register(params: dict[str, Any]) -> dict[str, Any]:
+def log_serving_model(run_id: str, artefact_path: Path) -> str:
+    """The pyfunc around the artefact, logged in the training run; returns its model URI."""
+    import numpy
+    import onnxruntime
+    import PIL
+    import pydicom
+
+    example = pd.DataFrame({"image": [EXAMPLE_IMAGE.read_bytes()]})
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=SERVING_MODEL_NAME, python_model=str(PYFUNC_CODE), artifacts={ARTEFACT_KEY: str(artefact_path)},
+            code_paths=["serving"], signature=SIGNATURE, input_example=example,
+            pip_requirements=[f"mlflow=={mlflow.__version__}", f"onnxruntime=={onnxruntime.__version__}",
+                              f"numpy=={numpy.__version__}", f"pillow=={PIL.__version__}",
+                              f"pydicom=={pydicom.__version__}", f"pandas=={pd.__version__}"],
+        )
+    return info.model_uri
+
+
+def register(params: RegisterParams) -> dict[str, Any]:
     configure_tracking()
     client = MlflowClient()
-    name, metric, split = params["model_name"], params["promotion_metric"], params["promotion_split"]
-    if split not in ("val", "test"):
-        raise ValueError(f"register.promotion_split must be val or test, got '{split}'")
-    run, report = read_json(RUN_FILE), read_json(METRICS_FILE)
-    card = model_card(run, report, client.get_run(run["run_id"]))
-    previous_version, previous_score = current_production_score(client, name, metric, split)
-    new_score = report[split][metric]["value"]
-
-    tags = {
-        THRESHOLD_TAG: str(report["threshold"]),
-        TEMPERATURE_TAG: str(report.get("temperature", 1.0)),
-        CALIBRATION_BIAS_TAG: str(report.get("calibration_bias", 0.0)),
-        CARD_TAG: json.dumps(card, sort_keys=True),
-        "git_commit": card["git_commit"],
-        "data_digest": run["data_digest"],
-        **{f"test_{key}": str(values["value"]) for key, values in report["test"].items()},
-    }
-    onnx_artifact = log_onnx_twin(run["run_id"])
-    if onnx_artifact:
-        tags[ONNX_TAG] = onnx_artifact
-    version = mlflow.register_model(run["model_uri"], name, tags=tags)
+    metric, split = params.promotion_metric, promotion_split()
+    run = read_json(RUN_FILE)
+    new_model = ServingArtefact.from_file(ARTEFACT_FILE)
+    previous_version, previous_score = production_score(client, split, metric)
+    new_score = score(new_model, split, metric)
+    expected = next_version(client)
+    decision = new_model.decision.registered(MODEL_NAME, expected)
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = Path(scratch) / ARTEFACT_NAME
+        staged.write_bytes(decision_store.write(ARTEFACT_FILE.read_bytes(), decision))
+        model_uri = log_serving_model(run["run_id"], staged)
+        version = mlflow.register_model(model_uri, MODEL_NAME, tags={
+            "git_commit": decision.training_commit, "data_digest": str(decision.data_digest),
+            "keras_model": run["model_uri"], "threshold": f"{decision.threshold:.6f}"})
+        if str(version.version) != expected:  # someone registered a version at the same moment
+            client.delete_model_version(MODEL_NAME, version.version)
+            raise ModelUnavailableError(f"the registry gave version {version.version}, not {expected}: "
+                                        "another registration ran at the same time; run the stage again")
+        write_bundle(staged.read_bytes(), REGISTERED_DIR)
     promote = previous_score is None or new_score >= round(previous_score, 4)
     reason = _reason(promote, f"{split} {metric}", new_score, previous_version, previous_score)
-    client.update_model_version(name, version.version, description=_description(card, reason))
-    client.set_model_version_tag(name, version.version, "promotion_decision", reason)
+    client.update_model_version(MODEL_NAME, version.version, description=_description(decision, reason))
+    client.set_model_version_tag(MODEL_NAME, version.version, "promotion_decision", reason)
     if promote:
-        client.set_registered_model_alias(name, PRODUCTION_ALIAS, version.version)
-    decision = {
-        "model_name": name, "version": version.version, "promoted": promote, "reason": reason,
-        "metric": metric, "split": split, "score": new_score, "previous_production_version": previous_version,
-        "previous_production_score": previous_score, "registered_by_commit": git_commit(),
+        client.set_registered_model_alias(MODEL_NAME, PRODUCTION_ALIAS, version.version)
+    record = {
+        "model_name": MODEL_NAME, "version": version.version, "promoted": promote, "reason": reason,
+        "metric": metric, "split": split, "score": round(new_score, 4),
+        "previous_production_version": previous_version,
+        "previous_production_score": None if previous_score is None else round(previous_score, 4),
+        "registered_by_commit": git_commit(),
     }
-    write_json(DECISION_FILE, decision)
-    return decision
+    write_json(REGISTRY_FILE, record)
+    return record
 
 
 def _reason(promote: bool, metric: str, new: float, old_version: str | None, old: float | None) -> str:
@@ -146,26 +142,21 @@ def _reason(promote: bool, metric: str, new: float, old_version: str | None, old
     return f"{verdict}: {metric} {new:.4f} vs production v{old_version} {old:.4f} on the same images"
 
 
-def _description(card: dict[str, Any], reason: str) -> str:
-    test = card["test_metrics"]
-    summary = ", ".join(
-        f"{name} {_number(values['value'])} [{_number(values['ci_low'])}, {_number(values['ci_high'])}]"
-        for name, values in test.items()
-    )
-    return (f"CNN trained from scratch on Kermany et al. 2018 (CC BY 4.0). Commit {card['git_commit']}, "
-            f"data {card['data_digest']}. Threshold {card['threshold']:.4f} ({card['threshold_rule']} on "
-            f"validation). Test ({card['test_images']} images, 95% CI): {summary}. {reason}.")
-
-
-def _number(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _description(decision: decision_store.Decision, reason: str) -> str:
+    parts = []
+    for split, metrics in decision.metrics.items():
+        auc = metrics.get("roc_auc", {})
+        parts.append(f"{split} ROC-AUC {auc.get('value')} [{auc.get('ci_low')}, {auc.get('ci_high')}]")
+    return (f"CNN trained from scratch on Kermany et al. 2018 (CC BY 4.0). Commit {decision.training_commit}. "
+            f"Threshold {decision.threshold:.4f} ({decision.threshold_rule}, fitted on "
+            f"{decision.calibration.get('fitted_on')}). {'; '.join(parts)}. {reason}.")
 
 
 def main() -> None:
     setup_logging()
     with stage_errors(log, TrackingUnavailableError, ModelUnavailableError):
-        decision = register(stage_params("register"))
-    log.info("registered %s version %s: %s", decision["model_name"], decision["version"], decision["reason"])
+        record = register(stage_params("register")[1])
+    log.info("registered %s version %s: %s", record["model_name"], record["version"], record["reason"])
 
 
 if __name__ == "__main__":

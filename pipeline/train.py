@@ -1,4 +1,6 @@
-"""Stage 3: train the CNN from scratch, keep the best epoch by validation AUC, log it all to MLflow."""
+"""Stage: train the CNN from scratch, keep the best epoch by validation AUC, log it all to MLflow.
+
+Runs on a GPU when TensorFlow sees one (the `gpu` extra), else on the CPU, and says which."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +24,29 @@ import tensorflow as tf
 from mlflow.entities import RunStatus
 from mlflow.models import infer_signature
 
-from pipeline.common import (
-    MODEL_DIR,
-    REPORTS_DIR,
-    git_commit,
-    setup_logging,
-    stage_errors,
-    stage_params,
-    write_json,
-)
+from pipeline.arrays import Split, load_split
+from pipeline.common import git_commit, setup_logging, stage_errors, write_json
 from pipeline.model import balanced_class_weights, build_model, make_dataset
-from pipeline.preprocess import load_split
+from pipeline.params import TrainParams, stage_params
+from pipeline.paths import HISTORY_FILE, MODEL_FILE, RUN_FILE, TRAIN_SUMMARY_FILE
 from pipeline.registry import TrackingUnavailableError, ensure_experiment
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = MODEL_DIR / "model.keras"
-RUN_FILE = MODEL_DIR / "train_run.json"
-HISTORY_FILE = REPORTS_DIR / "train_history.csv"
-TRAIN_METRICS_FILE = REPORTS_DIR / "train_metrics.json"
 
 
 def make_deterministic(seed: int) -> None:
     """Same params, same machine, same data -> same weights: seed everything, deterministic kernels."""
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+
+
+def training_device() -> str:
+    """The device training runs on: the first GPU TensorFlow sees, else the CPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU"
+    details = tf.config.experimental.get_device_details(gpus[0])
+    return f"GPU ({details.get('device_name', gpus[0].name)})"
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -58,12 +60,12 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def dataset_digest(*splits: tuple[np.ndarray, np.ndarray]) -> str:
+def dataset_digest(*splits: Split) -> str:
     """Digest of the training and validation pixels and labels themselves (not of file bytes)."""
     digest = hashlib.sha256()
-    for images, labels in splits:
-        digest.update(np.ascontiguousarray(images).tobytes())
-        digest.update(np.ascontiguousarray(labels).tobytes())
+    for split in splits:
+        digest.update(np.ascontiguousarray(split.images).tobytes())
+        digest.update(np.ascontiguousarray(split.labels).tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -88,48 +90,43 @@ class EpochLogger(keras.callbacks.Callback):
         log.info("epoch %d: %s", epoch + 1, {key: round(value, 4) for key, value in row.items()})
 
 
-def make_optimizer(params: dict[str, Any], steps_per_epoch: int) -> keras.optimizers.Optimizer:
+def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """Adam, or AdamW when `weight_decay` > 0; a constant rate or a cosine decay over all epochs."""
-    learning_rate = params["learning_rate"]
-    schedule = params.get("schedule", "constant")
-    if schedule == "cosine":
-        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, params["epochs"] * steps_per_epoch)
-    elif schedule != "constant":
-        raise ValueError(f"unknown schedule '{schedule}': use constant or cosine")
-    weight_decay = params.get("weight_decay", 0.0)
-    if weight_decay > 0:
-        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+    learning_rate = params.learning_rate
+    if params.schedule == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, params.epochs * steps_per_epoch)
+    if params.weight_decay > 0:
+        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=params.weight_decay)
     return keras.optimizers.Adam(learning_rate=learning_rate)
 
 
-def fit(params: dict[str, Any], train: tuple, val: tuple, checkpoint: Path) -> tuple[Any, list[dict]]:
-    (train_x, train_y), (val_x, val_y) = train, val
-    model = build_model(train_x.shape[1], params["image_size"], params["filters"], params["dropout"],
-                        params.get("convs_per_block", 2), params.get("normalization", "none"))
-    steps_per_epoch = -(-len(train_x) // params["batch_size"])
+def fit(params: TrainParams, seed: int, train: Split, val: Split, checkpoint: Path) -> tuple[Any, list[dict]]:
+    model = build_model(train.images.shape[1], params)
+    steps_per_epoch = -(-len(train) // params.batch_size)
     model.compile(
         optimizer=make_optimizer(params, steps_per_epoch),
-        loss=keras.losses.BinaryCrossentropy(label_smoothing=params.get("label_smoothing", 0.0)),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=params.label_smoothing),
         metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
     )
-    epoch_logger = EpochLogger(len(train_x))
+    epoch_logger = EpochLogger(len(train))
     callbacks = [
         keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_auc", mode="max", save_best_only=True,
                                         save_weights_only=True),
-        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=params["patience"]),
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=params.patience),
         epoch_logger,
     ]
     model.fit(
-        make_dataset(train_x, train_y, params["batch_size"], params["seed"], params.get("augment", {})),
-        validation_data=make_dataset(val_x, val_y, params["batch_size"], params["seed"]),
-        epochs=params["epochs"], class_weight=balanced_class_weights(train_y), callbacks=callbacks, verbose=0,
+        make_dataset(train.images, train.labels, params.batch_size, seed, params.augment),
+        validation_data=make_dataset(val.images, val.labels, params.batch_size, seed),
+        epochs=params.epochs, class_weight=balanced_class_weights(train.labels), callbacks=callbacks, verbose=0,
     )
     model.load_weights(checkpoint)
     return model, epoch_logger.rows
 
 
 def log_model(model: Any, example: np.ndarray) -> Any:
-    """Log the model with signature and input example; requirements are pinned, not inferred (slow)."""
+    """Log the Keras model (for retraining and inspection; serving uses the ONNX artefact registered
+    later) with signature and input example; requirements are pinned, not inferred (slow)."""
     signature = infer_signature(example, model(example, training=False).numpy())
     return mlflow.tensorflow.log_model(
         model, name="model", signature=signature, input_example=example,
@@ -154,33 +151,37 @@ def save_atomically(model: Any, path: Path) -> None:
         raise
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
+def run(seed: int, params: TrainParams) -> dict[str, Any]:
     experiment_id = ensure_experiment()  # first: an unreachable store fails in seconds, before any training
-    make_deterministic(params["seed"])
+    make_deterministic(seed)
     train, val = load_split("train"), load_split("val")
+    device = training_device()
+    log.info("training on %s", device)
     started = time.perf_counter()
     with mlflow.start_run(experiment_id=experiment_id, run_name="train") as active, _killed_if_interrupted():
-        mlflow.log_params(flatten(params))
+        mlflow.log_params(flatten({"seed": seed, **asdict(params)}))
         digest = dataset_digest(train, val)
-        mlflow.set_tags({"git_commit": git_commit(), "data_digest": digest, "stage": "train"})
-        mlflow.log_input(mlflow.data.from_numpy(train[0][:1], name="train", digest=digest), context="training")
+        commit = git_commit()
+        mlflow.set_tags({"git_commit": commit, "data_digest": digest, "stage": "train", "device": device})
+        mlflow.log_input(mlflow.data.from_numpy(train.images[:1], name="train", digest=digest), context="training")
         with tempfile.TemporaryDirectory() as scratch:
-            model, rows = fit(params, train, val, Path(scratch) / "best.weights.h5")
+            model, rows = fit(params, seed, train, val, Path(scratch) / "best.weights.h5")
         wall = time.perf_counter() - started
         best = max(rows, key=lambda row: row["val_auc"])
         summary = {
             "best_epoch": int(best["epoch"]), "epochs_run": len(rows), "best_val_auc": best["val_auc"],
             "train_seconds": round(wall, 1),
             "images_per_second": round(float(np.median([row["images_per_second"] for row in rows])), 1),
-            "parameters": int(model.count_params()),
+            "parameters": int(model.count_params()), "device": device,
         }
-        mlflow.log_metrics({f"train_{key}": float(value) for key, value in summary.items()})
-        info = log_model(model, val[0][:1, ..., np.newaxis].astype(np.float32))
+        mlflow.log_metrics({f"train_{key}": float(value) for key, value in summary.items() if key != "device"})
+        info = log_model(model, val.images[:1, ..., np.newaxis].astype(np.float32))
     save_atomically(model, MODEL_FILE)
     write_history(rows, HISTORY_FILE)
-    write_json(TRAIN_METRICS_FILE, summary)
+    write_json(TRAIN_SUMMARY_FILE, summary)
     write_json(RUN_FILE, {"run_id": active.info.run_id, "model_uri": info.model_uri,
-                          "experiment_id": experiment_id, "data_digest": digest})
+                          "experiment_id": experiment_id, "data_digest": digest, "git_commit": commit,
+                          "trained_at": datetime.fromtimestamp(active.info.start_time / 1000, UTC).isoformat()})
     return summary
 
 
@@ -199,7 +200,7 @@ def main() -> None:
     # SIGTERM (a stopped `dvc repro`) ends the MLflow run as KILLED instead of leaving it RUNNING; an
     # unreachable store is one clear line, not a traceback.
     with stage_errors(log, TrackingUnavailableError):
-        summary = run(stage_params("train"))
+        summary = run(*stage_params("train"))
     log.info("trained: %s", summary)
 
 

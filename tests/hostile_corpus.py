@@ -2,8 +2,10 @@
 
 `build_corpus(folder)` writes the files into `folder` and returns one `Case` per file: "prediction"
 (scored, a probability in [0, 1]) or "error" (refused, with a fragment its message must contain).
-Decoding is shared by every surface, but the app adds plausibility checks (elongated, uniform,
-coloured images are not scored): `Case.expected(app=True)` gives the app's outcome where it differs.
+Every surface (the app, the predict CLI, the MLflow model) shares one path, `serving.runtime.Predictor`:
+the decoder (`serving.imaging`), then the plausibility checks (`serving.checks`: elongated, uniform,
+coloured images are not scored), so every case expects the same outcome everywhere. `Case.by_checks`
+marks the files that decode but are refused by those checks.
 
 Everything is built from `tests/image_factory.py` generators and, where a prediction is expected,
 from the real X-rays in `tests/fixtures/chest_xray/train/*/*.jpeg`. Nothing here allocates a huge
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from pipeline.imaging import MAX_FILE_BYTES
+from serving.imaging import MAX_FILE_BYTES
 from tests import image_factory as factory
 
 PREDICTION, ERROR = "prediction", "error"
@@ -53,31 +55,24 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n(/etc/passwd) run\n%%
 @dataclass(frozen=True)
 class Case:
     path: Path
-    outcome: str  # PREDICTION or ERROR, for the decoder (Predictor, predict CLI)
+    outcome: str  # PREDICTION or ERROR, on every surface
     message: str = ""  # for errors: a fragment of the message, compared case-insensitively
-    app_outcome: str | None = None  # where the app's plausibility checks decide otherwise
-    app_message: str = ""
+    by_checks: bool = False  # decodes, but refused by serving.checks' plausibility checks
     what: str = ""
 
     @property
     def name(self) -> str:
         return self.path.name
 
-    def expected(self, app: bool = False) -> tuple[str, str]:
-        if app and self.app_outcome is not None:
-            return self.app_outcome, self.app_message
-        return self.outcome, self.message
-
-    def check(self, probability: float | None, message: str | None, app: bool = False) -> None:
+    def check(self, probability: float | None, message: str | None) -> None:
         """Assert that a surface's answer (a probability, or an error message) is the expected one."""
-        outcome, fragment = self.expected(app)
         label = f"{self.what or self.name!r}: got probability {probability!r}, message {message!r}"
-        if outcome == PREDICTION:
+        if self.outcome == PREDICTION:
             assert probability is not None and not message, label
             assert 0.0 <= probability <= 1.0, label
         else:
             assert probability is None and message, label
-            assert fragment.lower() in message.lower(), f"{label}; expected {fragment!r}"
+            assert self.message.lower() in message.lower(), f"{label}; expected {self.message!r}"
 
 
 @lru_cache(maxsize=8)
@@ -131,8 +126,8 @@ def _dicom_with_tiff_preamble(pixels: np.ndarray) -> bytes:
     return preamble + data[128:]
 
 
-def _hostile_bytes(xray: np.ndarray) -> dict[str, tuple[bytes, str, str, str | None, str]]:
-    """name -> (bytes, outcome, message fragment, app outcome override, app message)."""
+def _hostile_bytes(xray: np.ndarray) -> dict[str, tuple[bytes, str, str, bool]]:
+    """name -> (bytes, outcome, message fragment, refused by the plausibility checks rather than the decoder)."""
     from pydicom.encaps import encapsulate
     from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless
 
@@ -153,74 +148,75 @@ def _hostile_bytes(xray: np.ndarray) -> dict[str, tuple[bytes, str, str, str | N
     palette = Image.fromarray(xray).convert("P")
     e = ERROR
     p = PREDICTION
+    checked = True  # decodes, then refused by serving.checks
     return {
         # Not images at all, or broken ones
-        "empty.png": (b"", e, "empty file", None, ""),
-        "random.png": (rng.bytes(4096), e, "not a recognised image", None, ""),
-        "random.jpg": (rng.bytes(4096), e, "not a recognised image", None, ""),
-        "truncated.jpeg": (jpeg[: len(jpeg) // 2], e, "truncated", None, ""),
-        "truncated.png": (good_png[: len(good_png) // 2], e, "truncated", None, ""),
-        "drawing.svg": (SVG, e, "not a recognised image", None, ""),
-        "report.pdf": (PDF, e, "not a recognised image", None, ""),
-        "archive.zip": (_zip({"scan.png": good_png}), e, "not a recognised image", None, ""),
-        "html-as-image.png": (HTML, e, "not a recognised image", None, ""),
-        "postscript.eps": (EPS, e, "not a recognised image", None, ""),  # PIL's EPS plugin would run Ghostscript
+        "empty.png": (b"", e, "empty file", False),
+        "random.png": (rng.bytes(4096), e, "not a recognised image", False),
+        "random.jpg": (rng.bytes(4096), e, "not a recognised image", False),
+        "truncated.jpeg": (jpeg[: len(jpeg) // 2], e, "truncated", False),
+        "truncated.png": (good_png[: len(good_png) // 2], e, "truncated", False),
+        "drawing.svg": (SVG, e, "not a recognised image", False),
+        "report.pdf": (PDF, e, "not a recognised image", False),
+        "archive.zip": (_zip({"scan.png": good_png}), e, "not a recognised image", False),
+        "html-as-image.png": (HTML, e, "not a recognised image", False),
+        "postscript.eps": (EPS, e, "not a recognised image", False),  # PIL's EPS plugin would run Ghostscript
         "text.dcm": (b"not a DICOM file, whatever the extension says\n" * 10, e, "not a recognised image",
-                     None, ""),
+                     False),
         # Sizes and shapes
-        "bomb-20000x20000.png": (factory.blank_png(20_000, 20_000), e, "megapixel limit", None, ""),
-        "jpeg-header-claims-60000x60000.jpg": (_jpeg_claiming(60_000, 60_000), e, "megapixel limit", None, ""),
-        "ztxt-bomb.png": (_ztxt_bomb(xray), e, "too large", None, ""),
-        "one-pixel.png": (factory.png(np.full((1, 1), 128, dtype=np.uint8)), e, "too small", None, ""),
-        "strip-10x500.png": (factory.png(factory.ramp(500, 10)), e, "too small", None, ""),
-        "wide-10000x40.png": (factory.png(wide), p, "", e, "too elongated"),
-        "uniform-grey.png": (factory.png(np.full((256, 256), 128, dtype=np.uint8)), p, "", e, "almost uniform"),
-        "colour-noise.png": (factory.png(noise_rgb), p, "", e, "strongly coloured"),
+        "bomb-20000x20000.png": (factory.blank_png(20_000, 20_000), e, "megapixel limit", False),
+        "jpeg-header-claims-60000x60000.jpg": (_jpeg_claiming(60_000, 60_000), e, "megapixel limit", False),
+        "ztxt-bomb.png": (_ztxt_bomb(xray), e, "too large", False),
+        "one-pixel.png": (factory.png(np.full((1, 1), 128, dtype=np.uint8)), e, "too small", False),
+        "strip-10x500.png": (factory.png(factory.ramp(500, 10)), e, "too small", False),
+        "wide-10000x40.png": (factory.png(wide), e, "too elongated", checked),
+        "uniform-grey.png": (factory.png(np.full((256, 256), 128, dtype=np.uint8)), e, "almost uniform", checked),
+        "colour-noise.png": (factory.png(noise_rgb), e, "strongly coloured", checked),
         # Several frames
         "animated.gif": (factory.encode(gif_first, "GIF", save_all=True, append_images=gif_rest),
-                         e, "GIF with 3 frames", None, ""),
+                         e, "GIF with 3 frames", False),
         "multipage.tiff": (factory.encode(tiff_first, "TIFF", save_all=True, append_images=tiff_rest),
-                           e, "TIFF with 3 frames", None, ""),
+                           e, "TIFF with 3 frames", False),
         "animated-apng.png": (factory.encode(apng_first, "PNG", save_all=True, append_images=apng_rest),
-                              e, "PNG with 3 frames", None, ""),
-        "nan-float.tiff": (factory.encode(Image.fromarray(nan_float), "TIFF"), e, "non-finite", None, ""),
+                              e, "PNG with 3 frames", False),
+        "nan-float.tiff": (factory.encode(Image.fromarray(nan_float), "TIFF"), e, "non-finite", False),
         # Supported modes and formats, with real X-ray content
-        "sixteen-bit-full-range.png": (factory.png(_full_range_16_bit(xray)), p, "", None, ""),
-        "twelve-bit.png": (factory.png(twelve_bit + 7), p, "", None, ""),
-        "sixteen-bit.tif": (factory.encode(Image.fromarray(xray.astype(np.uint16) * 257), "TIFF"), p, "", None, ""),
-        "cmyk.jpg": (factory.encode(rgb.convert("CMYK"), "JPEG", quality=95), p, "", None, ""),
-        "exif-rotated.jpg": (factory.jpeg_with_orientation(np.rot90(xray), 6), p, "", None, ""),
-        "exif-orientation-9.jpg": (factory.jpeg_with_orientation(xray, 9), p, "", None, ""),  # out of range
-        "palette-transparent.png": (factory.encode(palette, transparency=0), p, "", None, ""),
-        "rgba.png": (factory.encode(Image.fromarray(np.dstack([xray, xray, xray, alpha]), "RGBA")), p, "", None, ""),
-        "la.png": (factory.encode(Image.fromarray(np.dstack([xray, alpha]), "LA")), p, "", None, ""),
-        "mode-1.png": (factory.encode(Image.fromarray(xray).convert("1")), p, "", None, ""),
-        "xray.bmp": (factory.encode(Image.fromarray(xray), "BMP"), p, "", None, ""),
-        "xray.webp": (factory.encode(Image.fromarray(xray), "WEBP", lossless=True), p, "", None, ""),
-        "single-frame.gif": (factory.encode(Image.fromarray(xray), "GIF"), p, "", None, ""),
-        "jpeg-named.png": (jpeg, p, "", None, ""),
-        "trailing-garbage.png": (good_png + rng.bytes(3000), p, "", None, ""),
-        "polyglot-png-zip.png": (good_png + _zip({"payload.sh": b"#!/bin/sh\nid\n"}), p, "", None, ""),
+        "sixteen-bit-full-range.png": (factory.png(_full_range_16_bit(xray)), p, "", False),
+        "twelve-bit.png": (factory.png(twelve_bit + 7), p, "", False),
+        "sixteen-bit.tif": (factory.encode(Image.fromarray(xray.astype(np.uint16) * 257), "TIFF"), p, "", False),
+        "cmyk.jpg": (factory.encode(rgb.convert("CMYK"), "JPEG", quality=95), p, "", False),
+        "exif-rotated.jpg": (factory.jpeg_with_orientation(np.rot90(xray), 6), p, "", False),
+        "exif-orientation-9.jpg": (factory.jpeg_with_orientation(xray, 9), p, "", False),  # out of range
+        "palette-transparent.png": (factory.encode(palette, transparency=0), p, "", False),
+        "rgba.png": (factory.encode(Image.fromarray(np.dstack([xray, xray, xray, alpha]), "RGBA")), p, "", False),
+        "la.png": (factory.encode(Image.fromarray(np.dstack([xray, alpha]), "LA")), p, "", False),
+        "mode-1.png": (factory.encode(Image.fromarray(xray).convert("1")), p, "", False),
+        "xray.bmp": (factory.encode(Image.fromarray(xray), "BMP"), p, "", False),
+        "xray.webp": (factory.encode(Image.fromarray(xray), "WEBP", lossless=True), p, "", False),
+        "single-frame.gif": (factory.encode(Image.fromarray(xray), "GIF"), p, "", False),
+        "jpeg-named.png": (jpeg, p, "", False),
+        "trailing-garbage.png": (good_png + rng.bytes(3000), p, "", False),
+        "polyglot-png-zip.png": (good_png + _zip({"payload.sh": b"#!/bin/sh\nid\n"}), p, "", False),
         "jpeg-html-comment.jpg": (factory.encode(Image.fromarray(xray), "JPEG", quality=90,
-                                                 comment=b"<script>alert(document.cookie)</script>"), p, "", None, ""),
+                                                 comment=b"<script>alert(document.cookie)</script>"), p, "", False),
         # DICOM
         "mono2-patient.dcm": (factory.dicom(twelve_bit, patient_name="Doe^Jane", rescale=(2.0, -1024.0),
-                                            window=(3000.0, 6000.0)), p, "", None, ""),
-        "mono1.dcm": (factory.dicom(4095 - twelve_bit, photometric="MONOCHROME1"), p, "", None, ""),
-        "dicom-without-extension": (factory.dicom(twelve_bit), p, "", None, ""),
-        "polyglot-tiff-preamble.dcm": (_dicom_with_tiff_preamble(xray), p, "", None, ""),
-        "no-pixel-data.dcm": (factory.dicom(twelve_bit, with_pixels=False), e, "no pixel data", None, ""),
+                                            window=(3000.0, 6000.0)), p, "", False),
+        "mono1.dcm": (factory.dicom(4095 - twelve_bit, photometric="MONOCHROME1"), p, "", False),
+        "dicom-without-extension": (factory.dicom(twelve_bit), p, "", False),
+        "polyglot-tiff-preamble.dcm": (_dicom_with_tiff_preamble(xray), p, "", False),
+        "no-pixel-data.dcm": (factory.dicom(twelve_bit, with_pixels=False), e, "no pixel data", False),
         "jpeg2000-compressed.dcm": (
             factory.dicom(twelve_bit, transfer_syntax=JPEG2000Lossless,
                           pixel_data=encapsulate([b"\xff\x4f\xff\x51" + b"\x00\x13" * 40])),
-            e, "cannot be decoded", None, ""),
+            e, "cannot be decoded", False),
         # The header claims 20000 x 20000; the array is a broadcast view, so nothing is allocated.
         "huge-header.dcm": (factory.dicom(np.broadcast_to(np.uint16(0), (20_000, 20_000)),
-                                          pixel_data=b"\x00" * 4096), e, "size limit", None, ""),
-        "multi-frame.dcm": (factory.dicom(np.stack([twelve_bit] * 3), frames=3), e, "3 frames", None, ""),
+                                          pixel_data=b"\x00" * 4096), e, "size limit", False),
+        "multi-frame.dcm": (factory.dicom(np.stack([twelve_bit] * 3), frames=3), e, "3 frames", False),
         "deflate-bomb.dcm": (factory.dicom(twelve_bit, transfer_syntax=DeflatedExplicitVRLittleEndian,
-                                           padding=20 * 1024 * 1024), e, "deflate", None, ""),
-        "dicm-then-garbage.dcm": (b"\x00" * 128 + b"DICM" + rng.bytes(512), e, "dicom", None, ""),
+                                           padding=20 * 1024 * 1024), e, "deflate", False),
+        "dicm-then-garbage.dcm": (b"\x00" * 128 + b"DICM" + rng.bytes(512), e, "dicom", False),
     }
 
 
@@ -239,10 +235,10 @@ def build_corpus(folder: Path, oversize_bytes: int = 2 * MAX_FILE_BYTES) -> list
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cases: list[Case] = []
-    for name, (data, outcome, message, app_outcome, app_message) in _hostile_bytes(fixture_xray(0)).items():
+    for name, (data, outcome, message, by_checks) in _hostile_bytes(fixture_xray(0)).items():
         path = folder / name
         path.write_bytes(data)
-        cases.append(Case(path, outcome, message, app_outcome, app_message, what=name))
+        cases.append(Case(path, outcome, message, by_checks, what=name))
     for index, name in enumerate(HOSTILE_NAMES, start=1):
         path = folder / name
         data = _fixture_bytes(index) if name.endswith(".jpeg") else factory.png(fixture_xray(index))

@@ -1,5 +1,5 @@
 """The app in a real browser: Debian's Chromium driven by Playwright uploads an X-ray and waits for the
-result and the Grad-CAM image, then clicks an example. Skipped only where /usr/bin/chromium is absent."""
+result and the class-activation map, then clicks an example. Skipped only where /usr/bin/chromium is absent."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app import EXAMPLES, KERAS_SAVE_WARNING, launched
+from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, launched
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -18,6 +18,7 @@ TIMEOUT_MS = 60_000  # generous: two busy cores
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.filterwarnings(KERAS_SAVE_WARNING),
+    pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),  # Gradio's own pandas deprecations
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
                                                      "(apt-get install chromium)"),
 ]
@@ -57,14 +58,17 @@ def page(browser, app_url):
 
 def wait_for_result(page) -> None:
     page.locator("#result-label").get_by_text("probability of pneumonia").first.wait_for()
-    page.locator("#gradcam img").first.wait_for(state="visible")
+    page.locator("#heatmap img").first.wait_for(state="visible")
 
 
 def test_upload_shows_label_heatmap_and_model_card(page, tmp_path):
     page.locator("#upload input[type=file]").set_input_files(str(EXAMPLES[0]))
     wait_for_result(page)
     assert page.locator("#status").get_by_text("Scored 1 of 1 file").is_visible()
-    assert page.locator("#model-card").get_by_text("tiny-test-model version 7").is_visible()
+    # The model panel, filled on page load, shows the artefact's card.
+    card = page.locator("#model-card")
+    assert card.get_by_text("tiny-test-model version 7").is_visible()
+    assert card.get_by_text("ROC-AUC").first.is_visible()
     shot = tmp_path / "app.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.is_file() and shot.stat().st_size > 20_000
@@ -84,3 +88,31 @@ def test_non_image_upload_shows_our_message(page, tmp_path):
     notes.write_text("not an X-ray")
     page.locator("#upload input[type=file]").set_input_files(str(notes))
     page.locator("#status").get_by_text("not a recognised image").first.wait_for()
+
+
+def test_details_json_names_the_model_and_the_file(page):
+    from playwright.sync_api import expect
+
+    page.locator("#upload input[type=file]").set_input_files(str(EXAMPLES[0]))
+    wait_for_result(page)
+    page.get_by_text("Result as JSON (what the API returns)").click()
+    details = page.locator("#details")
+    for shown in ("tiny-test-model", EXAMPLES[0].name, "threshold"):
+        expect(details).to_contain_text(shown, timeout=TIMEOUT_MS)
+
+
+def test_page_without_a_model_says_why(browser, app_module, tmp_path):
+    from playwright.sync_api import expect
+
+    demo = app_module.create_demo(service=app_module.ModelService(str(tmp_path / "not-exported")))
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(launched(demo))
+        expect(page.locator("#no-model")).to_contain_text("No model is loaded", timeout=TIMEOUT_MS)
+        expect(page.locator("#model-card")).to_contain_text("make repro", timeout=TIMEOUT_MS)
+        expect(page.get_by_role("button", name="Screen", exact=True)).to_be_disabled(timeout=TIMEOUT_MS)
+    finally:
+        context.close()
+        demo.close()

@@ -1,41 +1,56 @@
-"""`python -m pipeline.export`: from a model registered in a temporary MLflow store to a bundle folder
-that `load_serving_model` reads back and that scores exactly like the registered model."""
+"""`python -m pipeline.export`: a folder holding model.onnx and MODEL_CARD.md, from an earlier export
+(fast) or from a model registered in a temporary MLflow store, the pyfunc around the serving artefact as the
+register stage logs it (slow: an MLflow store takes seconds to create), which it must score exactly like."""
 
 from __future__ import annotations
 
-import json
 import logging
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from pipeline.export import CARD_FILE, card_markdown, main
-from pipeline.registry import (
-    BUNDLE_FILE,
-    BUNDLE_MODEL,
-    BUNDLE_ONNX,
-    CALIBRATION_BIAS_TAG,
-    CARD_TAG,
-    PRODUCTION_ALIAS,
-    TEMPERATURE_TAG,
-    THRESHOLD_TAG,
-    load_serving_model,
-)
-from pipeline.serving import Scorer
+from pipeline.export import CARD_FILE, main
+from serving import decision as decisions
+from serving.card import card_markdown
+from serving.decision import Decision
+from serving.runtime import Predictor, ServingArtefact
+from serving.store import ARTEFACT_FILE, MODEL_NAME, PRODUCTION_ALIAS, artefact_path, load_artefact
 from tests import image_factory as factory
-from tests.test_app import KERAS_SAVE_WARNING
+from tests.helpers import KERAS_SAVE_WARNING, PROJECT
 
 pytestmark = pytest.mark.filterwarnings(KERAS_SAVE_WARNING)
 
-MODEL_NAME = "pneumonia-cnn"  # params.yaml's register.model_name, which production_uri() reads
 THRESHOLD = 0.37
-CARD = {
-    "run_id": "filled-in", "trained_at": 1_700_000_000_000, "git_commit": "0123abc", "data_digest": "d1",
-    "threshold": THRESHOLD, "threshold_rule": "youden", "test_images": 20,
-    "test_metrics": {"roc_auc": {"value": 0.91, "ci_low": 0.85, "ci_high": 0.96},
-                     "sensitivity": {"value": 0.9, "ci_low": 0.8, "ci_high": 0.97}},
+DECISION = {
+    "threshold": THRESHOLD, "threshold_rule": "youden", "input_size": 64, "training_commit": "0123abc",
+    "trained_at": "2023-11-14T22:13:20+00:00", "run_id": "filled-in", "data_digest": "d1",
+    "calibration": {"method": "platt", "temperature": 1.5, "bias": -0.25, "fitted_on": "val"},
+    "metrics": {"external": {"roc_auc": {"value": 0.91, "ci_low": 0.85, "ci_high": 0.96},
+                             "sensitivity": {"value": 0.9, "ci_low": 0.8, "ci_high": 0.97}}},
+    "images": {"external": 20},
 }
+
+
+def register_pyfunc(artefact: bytes, folder: Path) -> str:
+    """Log `artefact` as the project's pyfunc (models-from-code, as the register stage does) into the
+    current MLflow store, register it and return the version."""
+    import mlflow
+
+    from pipeline.registry import ensure_experiment
+    from serving.pyfunc import ARTEFACT_KEY, SIGNATURE
+
+    path = folder / ARTEFACT_FILE
+    path.write_bytes(artefact)
+    with mlflow.start_run(experiment_id=ensure_experiment()):
+        info = mlflow.pyfunc.log_model(
+            name="serving-model", python_model=str(PROJECT / "serving" / "pyfunc_model.py"),
+            artifacts={ARTEFACT_KEY: str(path)}, code_paths=[str(PROJECT / "serving")], signature=SIGNATURE,
+            pip_requirements=["onnxruntime"])  # given, not inferred (inference runs the model: slow)
+    return mlflow.register_model(info.model_uri, MODEL_NAME).version
 
 
 @pytest.fixture(scope="module")
@@ -43,120 +58,201 @@ def store(tmp_path_factory: pytest.TempPathFactory):
     """A temporary MLflow store holding one tiny model version with the `production` alias."""
     import mlflow
 
-    from pipeline.model import build_model
-    from pipeline.registry import ensure_experiment
+    from pipeline.artefact import build
+    from tests.helpers import tiny_keras_model
 
     folder = tmp_path_factory.mktemp("mlflow")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(folder / 'mlflow.db').as_posix()}")
-        experiment_id = ensure_experiment()
-        model = build_model(64, 32, [4, 8], 0.0)
-        with mlflow.start_run(experiment_id=experiment_id) as run:
-            info = mlflow.tensorflow.log_model(model, name="model")
-        card = {**CARD, "run_id": run.info.run_id}
-        version = mlflow.register_model(info.model_uri, MODEL_NAME, tags={
-            THRESHOLD_TAG: str(THRESHOLD), CARD_TAG: json.dumps(card), TEMPERATURE_TAG: "1.5",
-            CALIBRATION_BIAS_TAG: "-0.25"})
-        mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, PRODUCTION_ALIAS, version.version)
-        yield {"version": version.version, "run_id": run.info.run_id}
+    uri = f"sqlite:///{(folder / 'mlflow.db').as_posix()}"
+    with pytest.MonkeyPatch.context() as patch:  # MLflow sets both variables too: restored on the way out
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        decision = Decision(**DECISION).registered(MODEL_NAME, "1")
+        version = register_pyfunc(build(tiny_keras_model(64), decision), folder)
+        assert version == 1
+        mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, PRODUCTION_ALIAS, version)
+        yield {"version": str(version), "uri": f"models:/{MODEL_NAME}/{version}", "tracking_uri": uri,
+               "db": folder / "mlflow.db"}
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
 
 
 @pytest.fixture(scope="module")
-def probes() -> np.ndarray:
+def probes() -> list[np.ndarray]:
     """Real X-rays of different sizes, as uint8 greyscale, for comparing scores."""
     xray = factory.xray()
     return [xray, xray[:150, 30:200], np.ascontiguousarray(xray.T)]
 
 
-def scores(serving, images) -> np.ndarray:
-    return Scorer(serving.keras_model).probabilities(images)
+def error_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
 
 
-def test_export_production_model(store, tmp_path, probes):
-    dest = tmp_path / "exported"
-    assert main([str(dest)]) == 0
-    assert sorted(p.name for p in dest.iterdir()) == sorted([BUNDLE_FILE, BUNDLE_MODEL, BUNDLE_ONNX, CARD_FILE])
-    assert not (tmp_path / "exported.partial").exists()
-
-    bundle = json.loads((dest / BUNDLE_FILE).read_text())
-    assert bundle["threshold"] == pytest.approx(THRESHOLD)
-    assert bundle["input_size"] == 64
-    assert bundle["exported_from"] == f"models:/{MODEL_NAME}@{PRODUCTION_ALIAS}"
-    assert bundle["card"]["registered_name"] == MODEL_NAME
-    assert bundle["card"]["version"] == store["version"]
-    assert bundle["card"]["run_id"] == store["run_id"]
-    assert bundle["card"]["test_metrics"] == CARD["test_metrics"]
-
-    card_text = (dest / CARD_FILE).read_text()
-    for fragment in (f"{MODEL_NAME} version {store['version']}", "0123abc", "2023-11-14", "0.3700",
-                     "| ROC-AUC | 0.910 | 0.850 to 0.960 |", "CC BY 4.0", "Not a medical device"):
-        assert fragment in card_text
-
-    import keras
-
-    keras.models.load_model(dest / BUNDLE_MODEL, compile=False, safe_mode=True)
-    exported = load_serving_model(str(dest))
-    # The stored ONNX twin is what serving runs, once it is checked against the Keras model.
-    assert exported.onnx_model == (dest / BUNDLE_ONNX).read_bytes()
-    assert Scorer(exported.keras_model, exported.onnx_model).backend == "onnxruntime"
-    registered = load_serving_model(f"models:/{MODEL_NAME}/{store['version']}")
-    assert exported.threshold == registered.threshold
-    assert (exported.temperature, exported.calibration_bias) == (registered.temperature,
-                                                                 registered.calibration_bias) == (1.5, -0.25)
-    assert exported.card == registered.card
-    np.testing.assert_allclose(scores(exported, probes), scores(registered, probes), rtol=0, atol=1e-6)
+def restamped(bundle: Path, folder: Path, **changes) -> Path:
+    """A copy of an exported folder whose artefact carries a changed decision (no TensorFlow needed)."""
+    artefact = ServingArtefact.from_file(bundle / ARTEFACT_FILE)
+    changed = decisions.write((bundle / ARTEFACT_FILE).read_bytes(), replace(artefact.decision, **changes))
+    folder.mkdir()
+    (folder / ARTEFACT_FILE).write_bytes(changed)
+    return folder
 
 
-def test_export_a_version_and_re_export_a_bundle(store, tmp_path, probes):
-    first, second = tmp_path / "v1", tmp_path / "copy"
-    assert main([str(first), "--model-uri", f"models:/{MODEL_NAME}/{store['version']}"]) == 0
+# --------------------------------------------------------------------------------------------------
+# From an exported folder: no MLflow
+
+
+def test_export_and_re_export_a_folder(tiny_bundle, tmp_path, probes):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main([str(first), "--model-uri", str(tiny_bundle)]) == 0
     assert main([str(second), "--model-uri", str(first)]) == 0
-    assert json.loads((second / BUNDLE_FILE).read_text())["exported_from"] == str(first)
-    np.testing.assert_allclose(scores(load_serving_model(str(second)), probes),
-                               scores(load_serving_model(str(first)), probes), rtol=0, atol=1e-6)
+    for dest in (first, second):
+        assert sorted(p.name for p in dest.iterdir()) == sorted([ARTEFACT_FILE, CARD_FILE])
+        assert (dest / ARTEFACT_FILE).read_bytes() == (tiny_bundle / ARTEFACT_FILE).read_bytes()
+        assert not Path(f"{dest}.partial").exists()
+    assert (second / CARD_FILE).read_text() == (first / CARD_FILE).read_text()
+    card_text = (second / CARD_FILE).read_text()
+    for fragment in ("# Model card: tiny-test-model version 7", "0123abc", "2023-11-14", "0.5000",
+                     "| ROC-AUC | 0.610 | 0.420 to 0.800 |", "CC BY 4.0", "Not a medical device"):
+        assert fragment in card_text, fragment
+    np.testing.assert_array_equal(load_artefact(str(second)).probabilities(probes),
+                                  load_artefact(str(tiny_bundle)).probabilities(probes))
 
 
-def test_existing_destinations(store, tmp_path, caplog):
+def test_existing_destinations(tmp_path, caplog, tiny_bundle):
     dest = tmp_path / "bundle"
-    assert main([str(dest)]) == 0
-    before = (dest / BUNDLE_FILE).read_text()
+    assert main([str(dest), "--model-uri", str(tiny_bundle)]) == 0
+    before = (dest / ARTEFACT_FILE).read_bytes()
+    newer = restamped(tiny_bundle, tmp_path / "newer", threshold=0.42, model_version="8")
     with caplog.at_level(logging.ERROR):
-        assert main([str(dest)]) == 2
-    assert "--force" in caplog.text and (dest / BUNDLE_FILE).read_text() == before
-    assert main([str(dest), "--force"]) == 0
+        assert main([str(dest), "--model-uri", str(newer)]) == 2
+    assert "--force" in caplog.text and len(error_lines(caplog)) == 1
+    assert (dest / ARTEFACT_FILE).read_bytes() == before
+    # --force replaces the earlier export, artefact and card together.
+    assert main([str(dest), "--force", "--model-uri", str(newer)]) == 0
+    assert (dest / ARTEFACT_FILE).read_bytes() == (newer / ARTEFACT_FILE).read_bytes() != before
+    card_text = (dest / CARD_FILE).read_text()
+    assert "tiny-test-model version 8" in card_text and "0.4200" in card_text
+    assert sorted(p.name for p in dest.iterdir()) == sorted([ARTEFACT_FILE, CARD_FILE])
+    assert not (tmp_path / "bundle.partial").exists()
 
     other = tmp_path / "someone-elses-folder"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
     caplog.clear()
     with caplog.at_level(logging.ERROR):
-        assert main([str(other), "--force"]) == 2
-    assert "not an exported model" in caplog.text
+        assert main([str(other), "--force", "--model-uri", str(tiny_bundle)]) == 2
+    assert "not an exported model" in caplog.text and len(error_lines(caplog)) == 1
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
     assert (other / "notes.txt").read_text() == "keep me"
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me too")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main([str(a_file), "--force", "--model-uri", str(tiny_bundle)]) == 2
+    assert "not a folder" in caplog.text and a_file.read_text() == "keep me too"
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main([str(empty)]) == 0 and (empty / BUNDLE_MODEL).is_file()
+    assert main([str(empty), "--model-uri", str(tiny_bundle)]) == 0 and (empty / ARTEFACT_FILE).is_file()
 
 
-def test_no_model_exits_2_with_a_clear_message(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{(tmp_path / 'empty.db').as_posix()}")
+def test_missing_or_corrupt_source_exits_2_with_one_line(tmp_path, caplog, tiny_bundle):
     dest = tmp_path / "exported"
-    with caplog.at_level(logging.ERROR):
-        assert main([str(dest)]) == 2
-    assert f"no model at models:/{MODEL_NAME}@{PRODUCTION_ALIAS}" in caplog.text
-    assert "make repro" in caplog.text
-    assert not dest.exists() and not Path(f"{dest}.partial").exists()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    data = (tiny_bundle / ARTEFACT_FILE).read_bytes()
+    (corrupt / ARTEFACT_FILE).write_bytes(data[: len(data) // 2])
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    for source, fragment in ((tmp_path / "missing-folder", "missing-folder"), (corrupt, "missing or corrupt"),
+                             (not_a_model, "not an exported model")):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert main([str(dest), "--model-uri", str(source)]) == 2, source
+        errors = error_lines(caplog)
+        assert len(errors) == 1 and fragment in errors[0], errors
+        assert not dest.exists() and not Path(f"{dest}.partial").exists()
 
-    caplog.clear()
-    with caplog.at_level(logging.ERROR):
-        assert main([str(dest), "--model-uri", str(tmp_path / "missing-folder")]) == 2
-    assert "missing-folder" in caplog.text
 
-
-def test_card_markdown_with_a_sparse_card():
-    text = card_markdown({}, 0.5)
-    assert "unregistered model" in text and "unknown date" in text and "No test metrics" in text
+def test_card_markdown_with_a_sparse_decision():
+    text = card_markdown(Decision(threshold=0.5, threshold_rule="youden", input_size=64), title=True)
+    assert text.startswith("# Model card: unregistered")
+    assert "unknown date" in text and "No evaluation metrics" in text and "0.5000" in text
     assert "Not a medical device" in text
-    text = card_markdown({"test_metrics": {"pr_auc": {"value": None, "ci_low": None, "ci_high": None}}}, 0.5)
-    assert "| PR-AUC | n/a | n/a to n/a |" in text
+    sparse = Decision(threshold=0.5, threshold_rule="youden", input_size=64,
+                      metrics={"test": {"pr_auc": {"value": None, "ci_low": None, "ci_high": None}}})
+    assert "| PR-AUC | n/a | n/a to n/a |" in card_markdown(sparse)
+
+
+# --------------------------------------------------------------------------------------------------
+# From the MLflow registry
+
+
+@pytest.mark.slow
+def test_export_production_model(store, tmp_path, probes):
+    import mlflow
+
+    dest = tmp_path / "exported"
+    assert main([str(dest)]) == 0  # no --model-uri: the production alias
+    assert sorted(p.name for p in dest.iterdir()) == sorted([ARTEFACT_FILE, CARD_FILE])
+    assert not (tmp_path / "exported.partial").exists()
+
+    # The registered artefact itself, byte for byte: no TensorFlow, no re-conversion on the way.
+    assert (dest / ARTEFACT_FILE).read_bytes() == artefact_path(store["uri"]).read_bytes()
+    exported = ServingArtefact.from_file(dest / ARTEFACT_FILE)
+    assert exported.decision.threshold == pytest.approx(THRESHOLD)
+    assert exported.input_size == 64
+    assert (exported.decision.model_name, exported.decision.model_version) == (MODEL_NAME, store["version"])
+    assert exported.decision.metrics == DECISION["metrics"]
+    assert exported.decision.calibration == DECISION["calibration"]
+
+    card_text = (dest / CARD_FILE).read_text()
+    for fragment in (f"# Model card: {MODEL_NAME} version {store['version']}", "0123abc", "2023-11-14", "0.3700",
+                     "| ROC-AUC | 0.910 | 0.850 to 0.960 |", "CC BY 4.0", "Not a medical device"):
+        assert fragment in card_text, fragment
+
+    registered = load_artefact(store["uri"])
+    assert registered.decision == exported.decision
+    np.testing.assert_array_equal(exported.probabilities(probes), registered.probabilities(probes))
+    # The registered MLflow model (the pyfunc anyone else would load) says the same for the same files.
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@{PRODUCTION_ALIAS}")
+    files = [factory.png(probe) for probe in probes]
+    served = pyfunc.predict(pd.DataFrame({"image": files}))
+    local = Predictor(load_artefact(str(dest))).predict([(str(i), data) for i, data in enumerate(files)])
+    assert [p.error for p in local] == [None] * len(files)
+    np.testing.assert_array_equal(served["probability"].astype(float), [p.probability for p in local])
+    assert served["label"].tolist() == [p.label for p in local]
+    assert served["threshold"].astype(float).tolist() == [THRESHOLD] * len(files)
+
+
+@pytest.mark.slow
+def test_export_a_registered_version(store, tmp_path, probes):
+    dest = tmp_path / "v1"
+    assert main([str(dest), "--model-uri", store["uri"]]) == 0
+    assert (dest / ARTEFACT_FILE).read_bytes() == artefact_path(store["uri"]).read_bytes()
+    np.testing.assert_array_equal(load_artefact(str(dest)).probabilities(probes),
+                                  load_artefact(store["uri"]).probabilities(probes))
+
+
+@pytest.mark.slow
+def test_no_production_model_exits_2_with_one_clear_line(store, tmp_path, monkeypatch, caplog):
+    import mlflow
+
+    # The store without its production alias (a copy: creating an empty store takes seconds).
+    copy = tmp_path / "mlflow.db"
+    shutil.copyfile(store["db"], copy)
+    copy_uri = f"sqlite:///{copy.as_posix()}"
+    mlflow.MlflowClient(copy_uri, copy_uri).delete_registered_model_alias(MODEL_NAME, PRODUCTION_ALIAS)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", copy_uri)
+    dest = tmp_path / "exported"
+    try:
+        with caplog.at_level(logging.ERROR):
+            assert main([str(dest)]) == 2
+    finally:  # main pointed MLflow at the copy
+        mlflow.set_tracking_uri(store["tracking_uri"])
+        mlflow.set_registry_uri(store["tracking_uri"])
+    errors = error_lines(caplog)
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert f"no model at models:/{MODEL_NAME}@{PRODUCTION_ALIAS}" in errors[0]
+    assert "make repro" in errors[0]
+    assert not dest.exists() and not Path(f"{dest}.partial").exists()

@@ -9,7 +9,6 @@ model, no run left RUNNING, no corrupted store.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import signal
@@ -28,7 +27,9 @@ import pytest
 import yaml
 
 from pipeline.download import cache_file_name
-from tests.pipeline_project import (
+from serving.locations import MODEL_NAME, PRODUCTION_ALIAS
+from serving.store import ModelUnavailableError
+from tests.helpers import (
     PROJECT,
     create_project,
     peek_rows,
@@ -36,10 +37,10 @@ from tests.pipeline_project import (
     registry_rows,
     run,
     update_params,
+    write_tiny_bundle,
 )
-from tests.test_app import KERAS_SAVE_WARNING
 
-MODEL_NAME = "pneumonia-cnn"  # params.yaml's register.model_name
+pytestmark = pytest.mark.slow  # real processes: `dvc repro`, training, servers
 # An unreachable store must end a stage in seconds, not after MLflow's own HTTP retries (about 250 s) or
 # after loading data and training. Measured beyond the imports (TensorFlow alone takes 3-12 s on this
 # shared 2-core machine, depending on what else runs), and capped in total.
@@ -188,8 +189,9 @@ def test_download_killed_mid_transfer_leaves_no_archive_and_rerun_verifies(tmp_p
     archive = fixture_zip.read_bytes()
     digest = hashlib.sha256(archive).hexdigest()
     with SlowArchiveServer(archive) as server:
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"seed": 1, "data": {"source": server.url,
-                                                                                  "sha256": digest}}))
+        params = yaml.safe_load((PROJECT / "params.yaml").read_text())  # every section is required
+        params["data"] = {"source": server.url, "sha256": digest, "external": None}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         cache = tmp_path / "data" / "downloads"
         final = cache / cache_file_name(server.url)
         partial = final.with_name(final.name + ".partial")
@@ -211,8 +213,7 @@ def test_download_killed_mid_transfer_leaves_no_archive_and_rerun_verifies(tmp_p
         if partial.exists():  # may be left behind by SIGKILL, never complete
             assert partial.stat().st_size < len(archive)
         assert not final.exists(), "a killed transfer must not leave a cached archive"
-        assert not (tmp_path / "data" / "raw").exists()
-        assert not (tmp_path / "data" / "raw.partial").exists()
+        assert not (tmp_path / "data" / "raw").exists(), "nothing may be extracted from a partial archive"
 
         second = run(command, tmp_path, stage_env(), timeout=120)
         assert len(server.requests) == 2, "the rerun must fetch the archive again"
@@ -221,7 +222,8 @@ def test_download_killed_mid_transfer_leaves_no_archive_and_rerun_verifies(tmp_p
     assert "sha256 verified" in second.stderr, second.stderr
     assert hashlib.sha256(final.read_bytes()).hexdigest() == digest
     assert not partial.exists()
-    extracted = sorted(p.name for p in (tmp_path / "data" / "raw").rglob("*.jpeg"))
+    assert sorted(p.name for p in (tmp_path / "data" / "raw").iterdir()) == ["archive"]  # no .partial left
+    extracted = sorted(p.name for p in (tmp_path / "data" / "raw" / "archive").rglob("*.jpeg"))
     assert extracted == sorted(p.name for p in (PROJECT / "tests/fixtures").rglob("*.jpeg"))
 
 
@@ -229,7 +231,6 @@ def test_download_killed_mid_transfer_leaves_no_archive_and_rerun_verifies(tmp_p
 # 2. Training killed mid-run
 
 
-@pytest.mark.slow
 def test_training_killed_mid_run_registers_nothing_and_repro_recovers(fresh_project, tmp_path):
     root, env = fresh_project
     update_params(root, train={"epochs": 200, "patience": 200})  # far longer than the test waits
@@ -252,9 +253,12 @@ def test_training_killed_mid_run_registers_nothing_and_repro_recovers(fresh_proj
     killed_run = train_runs[0][0]
     assert "stopped by signal SIGTERM" in output and "Traceback" not in output, output[-3000:]
     assert registry_rows(root, "select name, version from model_versions") == []
+    assert registry_rows(root, "select name from registered_models") == []
     models = root / "models"
     assert not (models / "model.keras").exists(), "train was killed before it finished: no model may be there"
     assert not list(models.glob("partial-*")), "a half-written model was left behind"
+    for later in ("serving.onnx", "registered", "registration.json"):
+        assert not (models / later).exists(), f"a stage after train ran: {later}"
 
     update_params(root, train={"epochs": 1, "patience": 1})
     recovered = run(["dvc", "repro"], root, env)
@@ -262,7 +266,8 @@ def test_training_killed_mid_run_registers_nothing_and_repro_recovers(fresh_proj
     # Download and preprocess finished before the kill and were recorded: not run again.
     assert "Running stage 'preprocess'" not in recovered.stdout, recovered.stdout
     assert registry_rows(root, "select name, alias, version from registered_model_aliases") == [
-        (MODEL_NAME, "production", 1)]
+        (MODEL_NAME, PRODUCTION_ALIAS, 1)]
+    assert json.loads((root / "models/registration.json").read_text())["promoted"] is True
     versions = registry_rows(root, "select version, run_id from model_versions")
     assert len(versions) == 1 and versions[0][1] != killed_run
     assert dict(registry_rows(root, "select run_uuid, status from runs where name = 'train'")) == {
@@ -275,64 +280,79 @@ def test_training_killed_mid_run_registers_nothing_and_repro_recovers(fresh_proj
 # 3. The production version's files are missing or corrupt
 
 
-@pytest.fixture
-def broken_store(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A temporary store whose production version's model.keras was deleted or truncated on disk.
-    Yields the store's tracking URI (also set as MLFLOW_TRACKING_URI for this test)."""
+def register_tiny_pyfunc(store: Path) -> None:
+    """A tiny model registered in the current MLflow store (in `store`) as the register stage registers
+    one (the pyfunc around the serving artefact, logged as code), with the production alias."""
     import mlflow
 
-    from pipeline.model import build_model
-    from pipeline.registry import CARD_TAG, PRODUCTION_ALIAS, THRESHOLD_TAG, ensure_experiment
+    from pipeline.registry import ensure_experiment
+    from serving.pyfunc import ARTEFACT_KEY, SIGNATURE
 
-    uri = f"sqlite:///{(tmp_path / 'store' / 'mlflow.db').as_posix()}"
-    (tmp_path / "store").mkdir()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("PNEUMONIA_MODEL_URI", raising=False)
-    experiment_id = ensure_experiment()
-    with mlflow.start_run(experiment_id=experiment_id) as active:
-        info = mlflow.tensorflow.log_model(build_model(64, 32, [4, 8], 0.0), name="model")
-    card = {"run_id": active.info.run_id, "threshold": 0.5, "threshold_rule": "youden", "test_images": 4,
-            "test_metrics": {"roc_auc": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}}}
-    version = mlflow.register_model(info.model_uri, MODEL_NAME,
-                                    tags={THRESHOLD_TAG: "0.5", CARD_TAG: json.dumps(card)})
+    bundle = write_tiny_bundle(store.parent / "source", model_name=MODEL_NAME, model_version="1")
+    with mlflow.start_run(experiment_id=ensure_experiment()):
+        info = mlflow.pyfunc.log_model(
+            name="serving-model", python_model=str(PROJECT / "serving" / "pyfunc_model.py"),
+            artifacts={ARTEFACT_KEY: str(bundle / "model.onnx")}, code_paths=[str(PROJECT / "serving")],
+            signature=SIGNATURE, pip_requirements=["onnxruntime"])  # given: inferring them is slow
+    version = mlflow.register_model(info.model_uri, MODEL_NAME)
     mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, PRODUCTION_ALIAS, version.version)
 
-    stored = list((tmp_path / "store" / "mlruns").rglob("model.keras"))
-    assert len(stored) == 1, stored
-    if request.param == "missing":
-        stored[0].unlink()
-    else:  # half-written: the first half of a valid file
-        data = stored[0].read_bytes()
-        stored[0].write_bytes(data[: len(data) // 2])
-    yield uri
+
+DAMAGE = {"missing": "no serving artefact", "truncated": "missing or corrupt"}  # what the message says
 
 
 @pytest.fixture
-def app(broken_store: str) -> Iterator[ModuleType]:
-    """app.py as a module. Imported here, it loads the broken store's model at import (as `python app.py`
-    would): it is forgotten afterwards, so that later tests import it afresh with their own model."""
-    imported_here = "app" not in sys.modules
-    yield importlib.import_module("app")
-    if imported_here:
-        sys.modules.pop("app", None)
+def broken_store(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    """A temporary store whose production version's serving artefact was deleted or truncated on disk.
+    Yields (the store's tracking URI, also set as MLFLOW_TRACKING_URI for this test; what the damage is
+    called in the error message)."""
+    import mlflow
+
+    from serving.store import artefact_path
+
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{(store / 'mlflow.db').as_posix()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # MLflow sets it: restored afterwards
+    monkeypatch.delenv("PNEUMONIA_MODEL_URI", raising=False)
+    register_tiny_pyfunc(store)
+
+    stored = artefact_path(f"models:/{MODEL_NAME}@{PRODUCTION_ALIAS}")
+    assert stored.is_relative_to(store / "mlruns") and stored.name == "model.onnx", stored
+    assert list((store / "mlruns").rglob("model.onnx")) == [stored]  # the one copy: not a download
+    if request.param == "missing":
+        stored.unlink()
+    else:  # half-written: the first half of a valid file
+        data = stored.read_bytes()
+        stored.write_bytes(data[: len(data) // 2])
+    yield uri, DAMAGE[request.param]
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
 
 
-@pytest.mark.filterwarnings(KERAS_SAVE_WARNING)
-@pytest.mark.parametrize("broken_store", ["missing", "truncated"], indirect=True)
-def test_production_model_files_missing_or_corrupt(broken_store, app, tmp_path, fixture_images):
-    service = app.load_service(None)  # None: the production alias, as `python app.py` does
-    assert not service.ready
-    assert service.problem and "cannot be loaded" in service.problem, service.problem
-    assert f"models:/{MODEL_NAME}@production" in service.problem
-    demo = app.create_demo(service=service)
-    assert demo is not None
-    assert service.problem in app.no_model_markdown(service)
+@pytest.mark.parametrize("broken_store", list(DAMAGE), indirect=True)
+def test_production_model_files_missing_or_corrupt(broken_store, app_module: ModuleType, tmp_path,
+                                                    fixture_images):
+    uri, damage = broken_store
+    production = f"models:/{MODEL_NAME}@{PRODUCTION_ALIAS}"
+    service = app_module.ModelService(None).load()  # None: the production alias, as `python app.py` does
+    assert not service.ready and service.predictor is None
+    problem = service.problem
+    # Which model, what is wrong with its files, and what to do: on one line.
+    assert problem and production in problem and damage in problem and "make repro" in problem, problem
+    assert "Traceback" not in problem and "\n" not in problem, problem
+    assert problem in app_module.no_model_message(service)
+    assert problem in app_module.model_panel(service)
+    assert app_module.create_demo(service) is not None  # the page still comes up, saying why
+    with pytest.raises(ModelUnavailableError, match="make repro"):
+        app_module.predict_files([str(fixture_images[0])], service)
 
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pipeline.predict", str(fixture_images[0])], cwd=tmp_path,
-                            env=stage_env(MLFLOW_TRACKING_URI=broken_store), capture_output=True, text=True,
+                            env=stage_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
                             timeout=180, check=False)
-    assert_clean_failure(result, 2, "cannot be loaded", f"models:/{MODEL_NAME}@production", "dvc repro")
+    assert_clean_failure(result, 2, production, damage, "make repro")
     assert result.stdout == ""  # no CSV header for nothing scored
     assert time.monotonic() - started < 120
 
@@ -341,7 +361,6 @@ def test_production_model_files_missing_or_corrupt(broken_store, app, tmp_path, 
 # 4. Two `dvc repro` at once
 
 
-@pytest.mark.slow
 def test_second_concurrent_repro_is_refused_and_first_completes(fresh_project, tmp_path):
     root, env = fresh_project
     log = tmp_path / "first-repro.log"
@@ -367,9 +386,10 @@ def test_second_concurrent_repro_is_refused_and_first_completes(fresh_project, t
     dvc_status = run(["dvc", "status"], root, env)
     assert "up to date" in dvc_status.stdout, dvc_status.stdout
     assert registry_rows(root, "select name, version, status from model_versions") == [(MODEL_NAME, 1, "READY")]
-    assert registry_rows(root, "select alias, version from registered_model_aliases") == [("production", 1)]
+    assert registry_rows(root, "select alias, version from registered_model_aliases") == [(PRODUCTION_ALIAS, 1)]
     assert {status for (status,) in registry_rows(root, "select status from runs")} == {"FINISHED"}
-    assert json.loads((root / "reports/registry.json").read_text())["version"] in ("1", 1)
+    assert json.loads((root / "models/registration.json").read_text())["version"] in ("1", 1)
+    assert (root / "models/registered/model.onnx").is_file()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,22 +409,34 @@ def closed_port() -> int:
     ["-m", "pipeline.evaluate"],
     ["-m", "pipeline.register"],
     ["-m", "pipeline.predict", "FIXTURE_IMAGE"],
-], ids=["train", "evaluate", "register", "predict"])
+    ["-m", "pipeline.export", "DEST"],
+], ids=["train", "evaluate", "register", "predict", "export"])
 def test_unreachable_tracking_server_fails_fast_and_clearly(command, closed_port, tmp_path, fixture_images):
     # A folder with only params.yaml: stages must give up on the store before needing data or a model.
     (tmp_path / "params.yaml").write_text((PROJECT / "params.yaml").read_text())
     uri = f"http://127.0.0.1:{closed_port}"
-    argv = [sys.executable, "-X", "importtime",
-            *[str(fixture_images[0]) if part == "FIXTURE_IMAGE" else part for part in command]]
+    arguments = {"FIXTURE_IMAGE": str(fixture_images[0]), "DEST": str(tmp_path / "exported")}
+    argv = [sys.executable, "-X", "importtime", *[arguments.get(part, part) for part in command]]
     started = time.monotonic()
     result = subprocess.run(argv, cwd=tmp_path, env=stage_env(MLFLOW_TRACKING_URI=uri), capture_output=True,
                             text=True, timeout=300, check=False)
     elapsed = time.monotonic() - started
     imports = import_seconds(result.stderr)
-    predict = command[1] == "pipeline.predict"
-    assert_clean_failure(result, 2 if predict else 1, f"MLflow tracking server {uri} is unreachable",
+    tool = command[1] in ("pipeline.predict", "pipeline.export")  # tools exit 2 without a model; stages 1
+    assert_clean_failure(result, 2 if tool else 1, f"MLflow tracking server {uri} is unreachable",
                          "MLFLOW_TRACKING_URI")
     took = f"{' '.join(command)} took {elapsed:.1f} s to fail, {imports:.1f} s of it importing"
     assert 0 < imports < elapsed, took
     assert elapsed - imports < FAST_FAIL_S and elapsed < FAST_FAIL_TOTAL_S, took
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "data").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no store, data or export made
+
+
+def test_app_with_an_unreachable_tracking_server_says_so(app_module: ModuleType, closed_port, monkeypatch):
+    uri = f"http://127.0.0.1:{closed_port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    service = app_module.ModelService(f"models:/{MODEL_NAME}@{PRODUCTION_ALIAS}").load()
+    assert time.monotonic() - started < FAST_FAIL_S
+    assert not service.ready
+    assert f"MLflow tracking server {uri} is unreachable" in service.problem, service.problem
+    assert service.problem in app_module.no_model_message(service)

@@ -1,9 +1,10 @@
 """Every input of the hostile corpus (tests/hostile_corpus.py) gets its expected outcome, quickly, on every
-surface: the app's prediction function, the launched app over HTTP (gradio_client), and the batch predict
-CLI in a subprocess. Plus a bounded fuzz of the app's function on mutated real X-rays.
+surface: the app's prediction function, the shared `serving.runtime.Predictor`, the launched app over HTTP
+(gradio_client), and the batch predict CLI in a subprocess. Plus a bounded fuzz of the app's function on
+mutated real X-rays.
 
-No training: a tiny untrained CNN, saved as an export bundle (as tests/test_app.py does), stands in for
-the model. Its scores mean nothing; outcomes, messages, ranges and timings are what is tested.
+No training: a tiny untrained CNN, exported as an ONNX serving artefact (the `tiny_bundle` fixture), stands
+in for the model. Its scores mean nothing; outcomes, messages, ranges and timings are what is tested.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline.common import CLASS_NAMES
-from pipeline.imaging import MAX_FILE_BYTES, ImageDecodeError, read_bytes
+from serving import checks
+from serving.decision import CLASS_NAMES
+from serving.imaging import MAX_FILE_BYTES, ImageDecodeError, decode_greyscale, read_bytes
 from tests import image_factory as factory
+from tests.helpers import KERAS_SAVE_WARNING, PROJECT, client_for, launched
 from tests.hostile_corpus import ERROR, PREDICTION, Case, build_corpus, fixture_xray
-from tests.test_app import KERAS_SAVE_WARNING, client_for, launched
 
 pytestmark = [
     pytest.mark.filterwarnings(KERAS_SAVE_WARNING),
@@ -37,7 +39,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),  # Gradio's own pandas deprecations
 ]
 
-PROJECT_ROOT = Path(__file__).parent.parent
+PROJECT_ROOT = PROJECT
 SECONDS_PER_INPUT = 5.0
 SERVER_CAP = 2_000_000  # bytes; the test server's max_file_size (every corpus file but one is under it)
 
@@ -51,9 +53,9 @@ def _report(failures: list[str]) -> None:
     assert not failures, f"{len(failures)} corpus input(s) went wrong:\n" + "\n".join(failures)
 
 
-def _checked(case: Case, probability, message, app: bool, failures: list[str]) -> None:
+def _checked(case: Case, probability, message, failures: list[str]) -> None:
     try:
-        case.check(probability, message, app=app)
+        case.check(probability, message)
     except AssertionError as error:
         failures.append(str(error))
 
@@ -76,6 +78,29 @@ def test_corpus_is_large_and_varied(corpus):
         assert needed in names, needed
     oversize = next(case for case in corpus if case.name == "oversize.png")
     assert oversize.path.stat().st_size > MAX_FILE_BYTES
+    assert {case.name for case in corpus if case.by_checks} == {"wide-10000x40.png", "uniform-grey.png",
+                                                                "colour-noise.png"}
+
+
+def test_refusals_come_from_the_decoder_or_from_serving_checks(corpus):
+    """Each refusal has one owner: the decoder (serving.imaging) for what is not a usable image, the
+    plausibility checks (serving.checks) for images that are implausible as chest X-rays."""
+    failures = []
+    for case in corpus:
+        try:
+            data = read_bytes(case.path)
+            grey = decode_greyscale(data)
+        except ImageDecodeError as error:
+            if case.outcome != ERROR or case.by_checks or case.message.lower() not in str(error).lower():
+                failures.append(f"{case.name}: refused by the decoder: {error}")
+            continue
+        problem = checks.implausibility(data, grey)
+        if case.by_checks:
+            if not problem or case.message.lower() not in problem.lower():
+                failures.append(f"{case.name}: decoded, but serving.checks said {problem!r}")
+        elif case.outcome == ERROR or problem is not None:
+            failures.append(f"{case.name}: decoded, and serving.checks said {problem!r}")
+    _report(failures)
 
 
 def test_message_just_over_the_cap_shows_two_different_sizes(tmp_path):
@@ -91,9 +116,7 @@ def test_message_just_over_the_cap_shows_two_different_sizes(tmp_path):
 
 def test_undecodable_compressed_dicom_logs_no_traceback(corpus, caplog):
     # pydicom logs each failing decoder plugin with LOGGER.exception: a traceback in the app's and the
-    # CLI's logs for a bad upload, until pipeline.dicom filtered it out.
-    from pipeline.imaging import decode_greyscale
-
+    # CLI's logs for a bad upload, until the DICOM decoder (now serving.dicom) filtered it out.
     case = next(case for case in corpus if case.name == "jpeg2000-compressed.dcm")
     with caplog.at_level("DEBUG"), pytest.raises(ImageDecodeError, match="cannot be decoded"):
         decode_greyscale(case.path.read_bytes())
@@ -112,10 +135,13 @@ def test_every_input_through_the_app_prediction_function(app_module, service, co
         outcome = app_module.predict_files([str(case.path)], service)
         timings[case.name] = time.perf_counter() - started
         (result,) = outcome.results
-        assert result.name == case.name  # the name is reported as it is, never as a path
-        _checked(case, result.probability, result.note, True, failures)
+        assert result.name == str(case.path)
+        # What the user sees names the file as it is, never as a path.
+        assert outcome.table()["file"].tolist() == [case.name]
+        assert [entry["file"] for entry in outcome.details["results"]] == [case.name]
+        _checked(case, result.probability, result.error, failures)
         if result.probability is not None:
-            assert result.label == service.predictor.label(result.probability)
+            assert result.label == service.predictor.decision.label(result.probability)
             assert outcome.label is not None and outcome.overlay is not None
         else:
             assert outcome.label is None and outcome.overlay is None
@@ -130,23 +156,37 @@ def test_mixed_batches_keep_order_and_outcomes(app_module, service, corpus):
     for start in range(0, len(corpus), app_module.MAX_FILES):
         batch = corpus[start:start + app_module.MAX_FILES]
         outcome = app_module.predict_files([str(case.path) for case in batch], service)
-        assert [r.name for r in outcome.results] == [case.name for case in batch]
+        assert [r.name for r in outcome.results] == [str(case.path) for case in batch]
+        assert outcome.table()["file"].tolist() == [case.name for case in batch]
         for case, result in zip(batch, outcome.results, strict=True):
-            _checked(case, result.probability, result.note, True, failures)
+            _checked(case, result.probability, result.error, failures)
     _report(failures)
 
 
 def test_every_input_through_the_predictor(service, corpus):
-    """The path the predict CLI and evaluation share: read_bytes + Predictor.probability_of."""
+    """The path every surface shares: Predictor.predict_paths (the app, the predict CLI) and
+    Predictor.predict on file bytes (the MLflow model), with the same outcome either way."""
     predictor, failures = service.predictor, []
     for case in corpus:
         started = time.perf_counter()
-        try:
-            probability, message = predictor.probability_of(read_bytes(case.path)), None
-        except ImageDecodeError as error:
-            probability, message = None, str(error)
+        (by_path,) = predictor.predict_paths([case.path])
         assert time.perf_counter() - started < SECONDS_PER_INPUT, case.name
-        _checked(case, probability, message, False, failures)
+        assert by_path.name == str(case.path) and by_path.threshold == predictor.threshold
+        _checked(case, by_path.probability, by_path.error, failures)
+        if by_path.scored:
+            assert by_path.label == predictor.decision.label(by_path.probability)
+        else:
+            assert by_path.label is None
+        try:
+            data = read_bytes(case.path)
+        except ImageDecodeError:
+            continue
+        (by_bytes,) = predictor.predict([(case.name, data)])
+        assert by_bytes.error == by_path.error, case.name
+        if by_path.scored:
+            assert by_bytes.probability == pytest.approx(by_path.probability, abs=1e-6), case.name
+        else:
+            assert by_bytes.probability is None, case.name
     _report(failures)
 
 
@@ -174,17 +214,20 @@ def test_every_input_through_the_launched_app(live_app, corpus, app_module):
     for start in range(0, len(uploadable), app_module.MAX_FILES):
         batch = uploadable[start:start + app_module.MAX_FILES]
         started = time.perf_counter()
-        label, heatmap, table, status = client.predict([handle_file(str(case.path)) for case in batch],
-                                                       api_name="/predict_files")
+        label, heatmap, table, status, details = client.predict(
+            [handle_file(str(case.path)) for case in batch], api_name="/predict_files")
         assert time.perf_counter() - started < SECONDS_PER_INPUT * len(batch)
         rows = table["data"]
         assert len(rows) == len(batch)
         for case, (name, probability, result, note) in zip(batch, rows, strict=True):
             # Gradio stores uploads under a sanitised name; whatever it is, it is a bare name.
             assert name and "/" not in name and "\n" not in name, name
-            _checked(case, probability, note, True, failures)
+            _checked(case, probability, note, failures)
             if probability is not None:
                 assert result in CLASS_NAMES
+        # The JSON details say what the table says, file by file.
+        assert [(e["file"], e["label"] or "", e["error"] or "") for e in details["results"]] == [
+            (row[0], row[2], row[3]) for row in rows]
         scored = sum(row[1] is not None for row in rows)
         assert f"Scored {scored} of {len(batch)} files" in status
         assert bool(label) == (scored > 0) and (heatmap is not None) == (scored > 0)  # no label: None or {}
@@ -205,7 +248,7 @@ def test_the_oversize_file_is_refused_clearly_and_the_app_goes_on(live_app, corp
     response = httpx.post(f"{url.rstrip('/')}/gradio_api/upload", files={"files": ("oversize.png", head)})
     assert response.status_code == 413
     good = next(case for case in corpus if case.name == "cmyk.jpg")
-    _, _, table, _ = client.predict([handle_file(str(good.path))], api_name="/predict_files")
+    _, _, table, _, _ = client.predict([handle_file(str(good.path))], api_name="/predict_files")
     assert 0.0 <= table["data"][0][1] <= 1.0
 
 
@@ -213,6 +256,7 @@ def test_the_oversize_file_is_refused_clearly_and_the_app_goes_on(live_app, corp
 # (c) The batch predict CLI, one subprocess over the whole corpus
 
 
+@pytest.mark.slow  # a subprocess over the whole corpus
 def test_every_input_through_the_predict_cli(corpus, tiny_bundle, tmp_path):
     from pipeline.predict import expand_paths
 
@@ -240,13 +284,13 @@ def test_every_input_through_the_predict_cli(corpus, tiny_bundle, tmp_path):
     for case in corpus:
         row = by_path[str(case.path)]
         probability = float(row["probability_pneumonia"]) if row["probability_pneumonia"] else None
-        _checked(case, probability, row["error"], False, failures)
+        _checked(case, probability, row["error"], failures)
         if probability is not None:
             assert row["label"] in CLASS_NAMES
         else:
             assert row["label"] == ""
     _report(failures)
-    assert elapsed < 60 + SECONDS_PER_INPUT * len(corpus) / 10  # start-up (TensorFlow) + the inputs
+    assert elapsed < 60 + SECONDS_PER_INPUT * len(corpus) / 10  # start-up + the inputs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,16 +352,14 @@ def test_fuzz_app_function_agrees_with_predictor_and_never_raises(app_module, se
         warnings.simplefilter("ignore")
         outcome = app_module.predict_files([str(fuzz_file)], service)
         (result,) = outcome.results
-        try:
-            direct, direct_error = service.predictor.probability_of(data), None
-        except ImageDecodeError as error:
-            direct, direct_error = None, str(error)
+        (direct,) = service.predictor.predict([("upload.bin", data)])
     assert time.perf_counter() - started < SECONDS_PER_INPUT
-    event("scored" if result.probability is not None else result.note.split(":")[0][:40])
+    event("scored" if result.probability is not None else result.error.split(":")[0][:40])
+    # The app accepts, refuses and scores exactly as the Predictor does, plausibility checks included.
+    assert result.error == direct.error
     if result.probability is not None:
         assert 0.0 <= result.probability <= 1.0 and result.label in CLASS_NAMES
-        assert direct == pytest.approx(result.probability, abs=1e-6)  # the app scores as the Predictor does
-    elif result.note.startswith("not scored:"):  # decoded, but refused by the app's plausibility checks
-        assert direct is not None
+        assert direct.probability == pytest.approx(result.probability, abs=1e-6)
+        assert direct.label == result.label
     else:
-        assert direct_error == result.note
+        assert result.error and direct.probability is None

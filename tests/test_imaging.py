@@ -1,4 +1,4 @@
-"""Behaviour tests for the serving preprocessing in pipeline.imaging and pipeline.dicom.
+"""Behaviour tests for the serving preprocessing in serving.imaging, serving.dicom and serving.pixels.
 
 Every input is generated in code (see tests/image_factory.py); real X-ray content comes from the
 committed JPEG fixtures.
@@ -6,8 +6,11 @@ committed JPEG fixtures.
 
 from __future__ import annotations
 
+import ast
 import io
 import logging
+import subprocess
+import sys
 import time
 import warnings
 import zipfile
@@ -19,17 +22,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from pipeline.imaging import (
+from serving import dicom, imaging, pixels
+from serving.imaging import (
     MAX_PIXELS,
     ImageDecodeError,
     decode_greyscale,
-    load_for_model,
     read_bytes,
     resize_grey,
+    resize_to,
     stretch_to_uint8,
-    to_model_input,
 )
 from tests import image_factory as factory
+from tests.helpers import PROJECT
 
 
 def assert_grey(pixels: np.ndarray, shape: tuple[int, int] | None = None) -> None:
@@ -541,15 +545,18 @@ def test_read_bytes_limits(tmp_path):
     assert read_bytes(big, max_bytes=2048) == b"\x00" * 2048
 
 
-def test_load_for_model_from_disk(tmp_path):
+def test_file_on_disk_decodes_like_its_bytes_then_resizes_to_the_stored_size(tmp_path):
+    # The preprocess stage's path for every training image: read_bytes -> decode_greyscale -> resize_grey.
     path = tmp_path / "scan.png"
     path.write_bytes(factory.png(factory.xray()))
-    model_input = load_for_model(path, 128)
-    assert model_input.shape == (128, 128, 1) and model_input.dtype == np.float32
+    grey = decode_greyscale(read_bytes(path))
+    np.testing.assert_array_equal(grey, factory.xray())
+    stored = resize_grey(grey, 128)
+    assert_grey(stored, (128, 128))
 
 
 # --------------------------------------------------------------------------------------------------
-# Resizing and model input
+# Resizing
 
 
 def test_resize_grey():
@@ -560,13 +567,19 @@ def test_resize_grey():
     assert resize_grey(out, 64) is out
 
 
-def test_to_model_input_keeps_raw_0_to_255():
+def test_resize_to_takes_height_then_width_and_keeps_raw_0_to_255():
     pixels = np.zeros((200, 300), dtype=np.uint8)
     pixels[:, 150:] = 255
-    model_input = to_model_input(pixels, 96)
-    assert model_input.shape == (96, 96, 1)
-    assert model_input.dtype == np.float32
-    assert model_input.min() == 0 and model_input.max() == 255  # the model rescales, not this
+    out = resize_to(pixels, (48, 96))
+    assert_grey(out, (48, 96))  # (height, width), not PIL's (width, height)
+    assert out.min() == 0 and out.max() == 255  # no rescaling: the model standardises, not this
+    assert (out[:, :40] == 0).all() and (out[:, 56:] == 255).all()  # the edge stays in the middle
+    assert resize_to(out, (48, 96)) is out
+
+
+def test_resize_grey_is_resize_to_a_square():
+    pixels = factory.ramp(300, 200)
+    np.testing.assert_array_equal(resize_grey(pixels, 80), resize_to(pixels, (80, 80)))
 
 
 @pytest.mark.parametrize(
@@ -578,10 +591,74 @@ def test_to_model_input_keeps_raw_0_to_255():
         pytest.param(np.zeros((64, 64), dtype=np.uint16), id="uint16"),
     ],
 )
-@pytest.mark.parametrize("function", [resize_grey, to_model_input])
+@pytest.mark.parametrize(
+    "function",
+    [pytest.param(resize_grey, id="resize_grey"), pytest.param(lambda grey, size: resize_to(grey, (size, size)),
+                                                               id="resize_to")],
+)
 def test_resize_rejects_anything_but_2d_uint8(function, bad):
     with pytest.raises(ValueError, match="2-D uint8"):
         function(bad, 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Module structure: one shared base, no import cycle between the decoders
+
+
+def imported_modules(module) -> set[str]:
+    """Every module a source file imports, at any level (function-local imports included)."""
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{module.__name__} uses a relative import"
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def project_imports(module) -> set[str]:
+    return {name for name in imported_modules(module) if name.split(".")[0] in ("serving", "pipeline", "app")}
+
+
+def test_dicom_imports_only_the_shared_base_not_imaging():
+    names = project_imports(dicom)
+    assert not any(name == "serving.imaging" or name.startswith("serving.imaging.") for name in names)
+    assert "serving.pixels" in names
+    assert all(name == "serving.pixels" or name.startswith("serving.pixels.") for name in names), names
+
+
+def test_pixels_imports_no_other_project_module():
+    assert project_imports(pixels) == set()
+
+
+@pytest.mark.parametrize("module", [pixels, imaging, dicom], ids=lambda module: module.__name__)
+def test_decoders_never_import_pipeline_or_tensorflow(module):
+    roots = {name.split(".")[0] for name in imported_modules(module)}
+    assert not roots & {"pipeline", "tensorflow", "keras"}
+
+
+def test_importing_dicom_does_not_load_imaging():
+    # The AST check sees direct imports; this one also catches an indirect one.
+    code = "import sys, serving.dicom; print(sorted(m for m in sys.modules if m.startswith(('serving', 'pipeline'))))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True,
+                            timeout=60).stdout.strip()
+    assert loaded == "['serving', 'serving.dicom', 'serving.pixels']"
+
+
+def test_imaging_re_exports_the_shared_names():
+    for name in ("ImageDecodeError", "describe", "is_dicom", "stretch_to_uint8", "MAX_FILE_BYTES", "MAX_PIXELS",
+                 "MIN_SIDE", "DICOM_MAGIC_OFFSET", "RASTER_FORMATS"):
+        assert getattr(imaging, name) is getattr(pixels, name), name
+        assert name in imaging.__all__
+
+
+def test_dicom_errors_are_the_shared_error_type():
+    # Callers catch serving.imaging.ImageDecodeError; a DICOM failure must be that very class.
+    with pytest.raises(imaging.ImageDecodeError):
+        dicom.decode_dicom(factory.dicom(xray_12_bit(), with_pixels=False))
 
 
 # --------------------------------------------------------------------------------------------------

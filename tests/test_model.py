@@ -2,51 +2,104 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.model import augment, balanced_class_weights, build_model, last_conv_layer_name, make_dataset
+from pipeline.arrays import Split
+from pipeline.model import augment, balanced_class_weights, build_model, make_dataset
+from pipeline.params import AugmentParams
 from pipeline.preprocess import assign_splits, decode_all
-from pipeline.train import make_deterministic
+from pipeline.train import fit, make_deterministic
+from tests.helpers import FIXTURE_DATASET, tiny_keras_model, train_params
 
-from .conftest import FIXTURE_DATASET
+NO_AUGMENT = AugmentParams.none()
+
+
+def seed_of(*values: int) -> tf.Tensor:
+    return tf.constant(list(values), dtype=tf.int64)
 
 
 def test_model_takes_raw_pixels_at_the_stored_size_and_outputs_probabilities():
-    model = build_model(input_size=64, image_size=32, filters=[4, 8], dropout=0.1)
+    model = build_model(64, train_params(image_size=32, filters=[4, 8], dropout=0.1, crop=1.0, stem_filters=0))
     assert model.input_shape == (None, 64, 64, 1)
     output = model(np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 1)).astype("float32")).numpy()
     assert output.shape == (3, 1) and ((output > 0) & (output < 1)).all()
-    assert last_conv_layer_name(model) == "block2_relu2"
+    names = [layer.name for layer in model.layers]
+    assert "centre_crop" not in names and "stem_conv" not in names
+    # The CAM of the serving artefact is computed on what global pooling reduces: the last block's
+    # feature map, at image_size / 2**blocks.
+    assert names[names.index("global_pool") - 1] == "block2_pool"
+    assert tuple(model.get_layer("global_pool").input.shape) == (None, 8, 8, 8)
 
 
 def test_model_rejects_impossible_configurations():
-    with pytest.raises(ValueError, match="at least one block"):
-        build_model(64, 32, [], 0.1)
+    with pytest.raises(ValueError, match="filters"):
+        train_params(filters=[])
     with pytest.raises(ValueError, match="too small"):
-        build_model(64, 8, [4, 8, 16, 32], 0.1)
+        build_model(64, train_params(image_size=8, filters=[4, 8, 16, 32], stem_filters=0))
+    # The strided stem halves the side before the blocks: 16 px cannot take a stem and four pools.
+    build_model(64, train_params(image_size=16, filters=[4, 8, 16, 32], stem_filters=0))
+    with pytest.raises(ValueError, match="too small"):
+        build_model(64, train_params(image_size=16, filters=[4, 8, 16, 32], stem_filters=4))
+    with pytest.raises(ValueError, match="crop"):
+        train_params(crop=0.3)
+
+
+def test_centre_crop_keeps_only_the_middle_of_the_image():
+    model = tiny_keras_model(64, crop=0.75)
+    assert model.get_layer("centre_crop").output.shape[1:3] == (48, 48)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 1)).astype("float32")
+    output = model(images).numpy()
+    assert output.shape == (2, 1) and ((output > 0) & (output < 1)).all()
+    # The 8-pixel border (markers, text) is outside what the network sees: changing it changes nothing.
+    bordered = images.copy()
+    bordered[:, :8], bordered[:, -8:], bordered[:, :, :8], bordered[:, :, -8:] = 255.0, 0.0, 255.0, 0.0
+    np.testing.assert_array_equal(model(bordered).numpy(), output)
+    inner = images.copy()
+    inner[:, 24:40, 24:40] = 255.0
+    assert not np.allclose(model(inner).numpy(), output)
+
+
+def test_stem_convolution_halves_the_side_before_the_blocks():
+    model = tiny_keras_model(64, image_size=32, stem_filters=6)
+    stem = model.get_layer("stem_conv")
+    assert stem.strides == (2, 2) and stem.filters == 6
+    assert tuple(stem.output.shape) == (None, 16, 16, 6)
+    # Two pooling blocks after the stem: 32 / 2 / 4.
+    assert tuple(model.get_layer("global_pool").input.shape) == (None, 4, 4, 8)
+    output = model(np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 1)).astype("float32")).numpy()
+    assert output.shape == (3, 1) and ((output > 0) & (output < 1)).all()
+    without = tiny_keras_model(64, image_size=32)
+    assert model.count_params() > without.count_params()
 
 
 def test_augmentation_with_zero_settings_is_identity_and_shift_moves_content():
     image = np.zeros((32, 32, 1), dtype="float32")
     image[10:20, 10:20] = 200.0
-    seed = tf.constant([1, 2], dtype=tf.int64)
-    unchanged = augment(tf.constant(image), seed, {}).numpy()
+    unchanged = augment(tf.constant(image), seed_of(1, 2), NO_AUGMENT).numpy()
     np.testing.assert_allclose(unchanged, image, atol=1e-3)
-    shifted = augment(tf.constant(image), seed, {"shift": 0.2}).numpy()
+    shifted = augment(tf.constant(image), seed_of(1, 2), replace(NO_AUGMENT, shift=0.2)).numpy()
     assert not np.allclose(shifted, image) and shifted.max() <= 255.0
 
 
 def test_augmented_dataset_is_reproducible_and_differs_between_epochs():
     images = np.random.default_rng(0).integers(0, 255, (8, 32, 32), dtype=np.uint8)
     labels = np.array([0, 1] * 4, dtype=np.uint8)
-    settings = {"rotation_deg": 10.0, "brightness": 0.1}
+    settings = replace(NO_AUGMENT, rotation_deg=10.0, brightness=0.1)
     dataset = make_dataset(images, labels, batch_size=8, seed=5, augmentation=settings)
     first_epoch, second_epoch = [next(iter(dataset))[0].numpy() for _ in range(2)]
     again = next(iter(make_dataset(images, labels, batch_size=8, seed=5, augmentation=settings)))[0].numpy()
     np.testing.assert_array_equal(first_epoch, again)
     assert not np.array_equal(first_epoch, second_epoch)
+    # Without augmentation: the images as stored, in order, every epoch.
+    plain = make_dataset(images, labels, batch_size=8, seed=5)
+    for _ in range(2):
+        batch, batch_labels = next(iter(plain))
+        np.testing.assert_array_equal(batch.numpy()[..., 0], images.astype("float32"))
+        np.testing.assert_array_equal(batch_labels.numpy(), labels.astype("float32"))
 
 
 def test_class_weights_balance_the_classes():
@@ -57,59 +110,105 @@ def test_class_weights_balance_the_classes():
 
 
 @pytest.fixture(scope="module")
-def fixture_arrays():
+def fixture_splits() -> tuple[Split, Split]:
+    """The fixture X-rays at 48 px, split by patient into train and validation."""
     records = assign_splits(FIXTURE_DATASET.parent, val_fraction=0.25, test_fraction=0.25, seed=42)
     images, _ = decode_all(records, FIXTURE_DATASET.parent, size=48, workers=2)
-    kept = [record for record in records if record.file in images]
-    return np.stack([images[r.file] for r in kept]), np.array([r.label for r in kept], dtype=np.uint8)
+
+    def split(name: str) -> Split:
+        kept = [record for record in records if record.split == name and record.file in images]
+        return Split(np.stack([images[r.file] for r in kept]), np.array([r.label for r in kept], dtype=np.uint8),
+                     np.array([r.patient for r in kept]))
+
+    return split("train"), split("val")
 
 
-def train_briefly(images, labels, epochs: int):
-    import keras
+@pytest.fixture
+def logged_metrics(monkeypatch) -> list[tuple[dict, int]]:
+    """What `fit` logs to MLflow each epoch, caught here: nothing reaches any store."""
+    import mlflow
 
-    make_deterministic(7)
-    model = build_model(48, 32, [8, 16], 0.0)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=3e-3), loss="binary_crossentropy")
-    history = model.fit(make_dataset(images, labels, 16, 7, {"rotation_deg": 5.0}), epochs=epochs, verbose=0,
-                        class_weight=balanced_class_weights(labels))
-    return model, history.history["loss"]
+    logged: list[tuple[dict, int]] = []
+    monkeypatch.setattr(mlflow, "log_metrics", lambda metrics, step=None, **_: logged.append((metrics, step)))
+    return logged
 
 
-def test_short_training_reduces_the_loss_and_is_deterministic(fixture_arrays):
-    images, labels = fixture_arrays
-    model, losses = train_briefly(images, labels, epochs=8)
-    assert losses[-1] < losses[0]
-    again, losses_again = train_briefly(images, labels, epochs=8)
-    assert losses == losses_again
-    for first, second in zip(model.get_weights(), again.get_weights()):
+def train_briefly(train: Split, val: Split, checkpoint, epochs: int):
+    params = train_params(image_size=32, filters=[8, 16], dropout=0.0, crop=1.0, stem_filters=0, batch_size=8,
+                          learning_rate=3e-3, epochs=epochs, patience=epochs,
+                          augment=replace(NO_AUGMENT, rotation_deg=5.0))
+    make_deterministic(7)  # as the train stage does before fitting
+    return fit(params, 7, train, val, checkpoint)
+
+
+def test_short_training_reduces_the_loss_and_is_deterministic(fixture_splits, logged_metrics, tmp_path):
+    train, val = fixture_splits
+    model, rows = train_briefly(train, val, tmp_path / "first.weights.h5", epochs=3)
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert [step for _, step in logged_metrics] == [1, 2, 3]
+    assert {"loss", "val_loss", "val_auc", "images_per_second"} <= set(logged_metrics[0][0])
+    assert rows[-1]["loss"] < rows[0]["loss"], rows
+    assert all(0.0 <= row["val_auc"] <= 1.0 for row in rows)
+    assert model.input_shape == (None, 48, 48, 1)
+    again, rows_again = train_briefly(train, val, tmp_path / "second.weights.h5", epochs=3)
+    assert [row["loss"] for row in rows] == [row["loss"] for row in rows_again]
+    for first, second in zip(model.get_weights(), again.get_weights(), strict=True):
         np.testing.assert_array_equal(first, second)
 
 
 def test_per_image_normalisation_makes_the_model_blind_to_exposure_shifts():
-    model = build_model(input_size=32, image_size=32, filters=[4], dropout=0.0, normalization="per_image")
+    model = build_model(32, train_params(image_size=32, filters=[4], dropout=0.0, crop=1.0, stem_filters=0,
+                                         normalization="per_image"))
     image = np.random.default_rng(0).uniform(60, 160, (1, 32, 32, 1)).astype("float32")
     brighter_flatter = (image - 60) * 0.5 + 90
     np.testing.assert_allclose(model(image).numpy(), model(brighter_flatter).numpy(), atol=1e-3)
     with pytest.raises(ValueError, match="normalization"):
-        build_model(32, 32, [4], 0.0, normalization="whiten")
+        train_params(normalization="whiten")
 
 
 def test_noise_augmentation_adds_noise_within_range():
     image = tf.constant(np.full((32, 32, 1), 128.0, dtype="float32"))
-    noisy = augment(image, tf.constant([3, 4], dtype=tf.int64), {"noise": 20.0}).numpy()
+    noisy = augment(image, seed_of(3, 4), replace(NO_AUGMENT, noise=20.0)).numpy()
     assert noisy.std() > 0 and 0.0 <= noisy.min() and noisy.max() <= 255.0
 
 
 def test_downscale_augmentation_loses_fine_detail_and_keeps_shape():
     checkerboard = np.indices((64, 64)).sum(axis=0) % 2 * 255.0
     image = tf.constant(checkerboard[..., np.newaxis].astype("float32"))
-    outputs = [augment(image, tf.constant([seed, 7], dtype=tf.int64), {"downscale": 0.9}).numpy()
-               for seed in range(8)]
+    settings = replace(NO_AUGMENT, downscale=0.9)
+    outputs = [augment(image, seed_of(seed, 7), settings).numpy() for seed in range(8)]
     assert all(output.shape == (64, 64, 1) for output in outputs)
     assert all(0.0 <= output.min() and output.max() <= 255.0 for output in outputs)
     # A one-pixel checkerboard cannot survive any real downscale: its contrast must fall.
     assert min(output.std() for output in outputs) < 0.5 * checkerboard.std()
-    unchanged = augment(image, tf.constant([1, 7], dtype=tf.int64), {}).numpy()
+    unchanged = augment(image, seed_of(1, 7), NO_AUGMENT).numpy()
     np.testing.assert_array_equal(unchanged, checkerboard[..., np.newaxis])
     with pytest.raises(ValueError, match="downscale"):
-        augment(image, tf.constant([1, 7], dtype=tf.int64), {"downscale": 1.5})
+        replace(NO_AUGMENT, downscale=1.5)
+
+
+def test_erase_augmentation_fills_one_rectangle_with_one_grey():
+    image = np.full((40, 40, 1), 128.0, dtype="float32")
+    image[::2] = 60.0  # stripes, so that no fill value can look like the original everywhere
+    unchanged = augment(tf.constant(image), seed_of(5, 6), replace(NO_AUGMENT, erase=0.0)).numpy()
+    np.testing.assert_array_equal(unchanged, image)
+    always = replace(NO_AUGMENT, erase=1.0)
+    areas = []
+    for seed in range(6):
+        erased = augment(tf.constant(image), seed_of(seed, 11), always).numpy()
+        assert erased.shape == image.shape
+        changed = (erased != image)[..., 0]
+        assert changed.any(), seed
+        rows, cols = np.nonzero(changed)
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        box = erased[top:bottom, left:right, 0]
+        # One axis-aligned rectangle, one grey inside it, the rest untouched.
+        assert np.unique(box).size == 1, seed
+        outside = np.ones(changed.shape, dtype=bool)
+        outside[top:bottom, left:right] = False
+        np.testing.assert_array_equal(erased[outside], image[outside])
+        areas.append((bottom - top) * (right - left) / changed.size)
+    # 2-20% of the image (the rectangle is rounded to whole pixels).
+    assert all(0.01 <= area <= 0.25 for area in areas), areas
+    with pytest.raises(ValueError, match="erase"):
+        replace(NO_AUGMENT, erase=1.5)

@@ -1,10 +1,14 @@
-"""The predict CLI's folder scan: images by extension or, for files without one, by the DICOM marker."""
+"""The predict CLI: its folder scan (images by extension or, for files without one, by the DICOM marker) and\nits serving-only imports."""
 
 from __future__ import annotations
 
-from pipeline.predict import expand_paths
+import json
+import subprocess
+import sys
 
-from . import image_factory as factory
+from pipeline.predict import expand_paths
+from tests import image_factory as factory
+from tests.helpers import PROJECT
 
 
 def test_folders_yield_images_by_extension_and_extensionless_dicom(tmp_path):
@@ -22,3 +26,14 @@ def test_folders_yield_images_by_extension_and_extensionless_dicom(tmp_path):
     assert [path.relative_to(tmp_path).as_posix() for path in found] == [
         "study/IM000001", "study/a.png", "study/nested/b.TIFF", "given-explicitly.txt",
     ]
+
+
+def test_the_cli_loads_only_serving_code():
+    # The CLI scores with the ONNX artefact: no TensorFlow, no MLflow, no training stage on import.
+    code = "import json, sys, pipeline.predict; print(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True,
+                            timeout=60)
+    loaded = json.loads(result.stdout)
+    assert "serving.runtime" in loaded
+    assert not {name.split(".")[0] for name in loaded} & {"tensorflow", "keras", "mlflow", "torch"}
+    assert [name for name in loaded if name.split(".")[0] == "pipeline"] == ["pipeline", "pipeline.predict"]

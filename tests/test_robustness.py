@@ -5,12 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.model import build_model
+from pipeline.artefact import build
+from pipeline.metrics import point_metrics
+from pipeline.params import RobustnessParams
 from pipeline.robustness import REPORTED, brightness, build_shifts, contrast, downscale, measure
-from pipeline.serving import Scorer
+from serving.decision import Decision
+from serving.runtime import ServingArtefact
+from tests.helpers import tiny_keras_model
 
-PARAMS = {"brightness": [-40, 40], "contrast": [0.6], "gamma": [1.6], "blur_sigma": [1.5],
-          "noise_sigma": [12], "downscale": [16], "equalize": True}
+PARAMS = RobustnessParams(brightness=[-40, 40], contrast=[0.6], gamma=[1.6], blur_sigma=[1.5], noise_sigma=[12],
+                          downscale=[16], equalize=True)
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +24,24 @@ def images():
     return np.stack([np.clip(gradient + rng.normal(0, 5, (64, 64)), 0, 255) for _ in range(6)]).astype(np.uint8)
 
 
+@pytest.fixture(scope="module")
+def artefact() -> ServingArtefact:
+    """The serving artefact of an untrained tiny CNN (64 px input), labelling at 0.5."""
+    decision = Decision(threshold=0.5, threshold_rule="youden", input_size=64)
+    return ServingArtefact(build(tiny_keras_model(64), decision), "tiny")
+
+
 def test_every_shift_keeps_shape_and_dtype_and_changes_the_pixels(images):
     shifts = build_shifts(PARAMS)
-    assert len(shifts) == 8
+    assert list(shifts) == ["brightness -40", "brightness +40", "contrast x0.6", "gamma 1.6", "blur sigma 1.5",
+                            "noise sigma 12", "resolution 16px", "histogram equalised"]
     for name, shift in shifts.items():
         shifted = shift(images, np.random.default_rng(0))
         assert shifted.shape == images.shape and shifted.dtype == np.uint8, name
         assert not np.array_equal(shifted, images), name
+    no_equalize = RobustnessParams(brightness=[], contrast=[], gamma=[], blur_sigma=[], noise_sigma=[], downscale=[],
+                                   equalize=False)
+    assert build_shifts(no_equalize) == {}
 
 
 def test_shifts_move_the_statistics_they_claim_to(images):
@@ -37,12 +52,22 @@ def test_shifts_move_the_statistics_they_claim_to(images):
     assert np.abs(np.diff(downscale(16)(images, rng).astype(float), axis=1)).mean() < detail
 
 
-def test_measure_reports_baseline_and_change_per_shift(images):
-    model = build_model(64, 32, [4, 8], 0.0)
+def test_measure_reports_baseline_and_change_per_shift(images, artefact):
     labels = np.array([0, 1, 0, 1, 0, 1])
-    result = measure(Scorer(model), images, labels, 0.5, build_shifts(PARAMS), seed=0)
+    shifts = build_shifts(PARAMS)
+    result = measure(artefact, images, labels, shifts, seed=0)
     assert set(result["baseline"]) == set(REPORTED)
+    # The baseline is the served artefact's own scores at its own threshold.
+    expected = point_metrics(labels, artefact.probabilities(images), artefact.decision.threshold)
+    for key in REPORTED:
+        assert result["baseline"][key] == pytest.approx(expected[key], abs=1e-4), key
+    assert set(result["shifts"]) == set(shifts)
     for metrics in result["shifts"].values():
         for key in REPORTED:
             assert metrics[f"{key}_change"] == pytest.approx(metrics[key] - result["baseline"][key], abs=1e-3)
-    assert result["worst_change"]["roc_auc"] == min(m["roc_auc_change"] for m in result["shifts"].values())
+    for key in ("roc_auc", "accuracy", "sensitivity", "specificity"):
+        assert result["worst_change"][key] == min(m[f"{key}_change"] for m in result["shifts"].values())
+    # Calibration gets worse as ECE rises: its worst change is the largest.
+    assert result["worst_change"]["ece"] == max(m["ece_change"] for m in result["shifts"].values())
+    # Seeded: the noise shift draws the same noise every time.
+    assert measure(artefact, images, labels, shifts, seed=0) == result

@@ -1,16 +1,19 @@
 """Security properties of the app and the pipeline: loopback by default, no file readable through the
-launched app beyond an upload's own copy, models loaded in Keras safe mode, no pickle of untrusted data,
-nothing uploaded in the logs, and an upload cache that empties itself.
+launched app beyond an upload's own copy, no TensorFlow (nor Keras model loading) in the serving process,
+no pickle of untrusted data nor in what is served, nothing uploaded in the logs, and an upload cache that
+empties itself.
 
-A tiny untrained CNN saved as an export bundle (as in tests/test_app.py) stands in for the model.
+A tiny untrained CNN exported as an ONNX serving artefact (the `tiny_bundle` fixture) stands in for the model.
 """
 
 from __future__ import annotations
 
 import ast
 import http.client
-import json
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,17 +22,19 @@ import httpx
 import numpy as np
 import pytest
 
-from pipeline.registry import BUNDLE_FILE, BUNDLE_MODEL, ModelUnavailableError, load_serving_model
+from pipeline.export import CARD_FILE
+from serving.decision import METADATA_KEY
+from serving.store import ARTEFACT_FILE
 from tests import image_factory as factory
+from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, PROJECT, free_port, launched
 from tests.hostile_corpus import fixture_xray
-from tests.test_app import KERAS_SAVE_WARNING, free_port, launched
 
 pytestmark = [
     pytest.mark.filterwarnings(KERAS_SAVE_WARNING),
     pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),  # Gradio's own pandas deprecations
 ]
 
-PROJECT_ROOT = Path(__file__).parent.parent
+PROJECT_ROOT = PROJECT
 
 
 def client_for(url: str, downloads: Path):
@@ -128,8 +133,8 @@ def test_only_an_uploads_own_copy_is_readable(live_app, cache_dir, tiny_bundle):
     contents = {  # what must never come back
         "passwd": b"root:",
         "params": params.splitlines()[-1].encode() if params.strip() else b"seed:",
-        "bundle.json": b"exported_from",
-        "model.keras": b"PK\x03\x04",
+        "model.onnx": METADATA_KEY.encode(),  # the artefact's decision metadata
+        "model card": b"# Model card:",
         "secret": secret.encode(),
         "environ": b"PATH=",
         "sqlite": b"SQLite format 3",
@@ -151,8 +156,8 @@ def test_only_an_uploads_own_copy_is_readable(live_app, cache_dir, tiny_bundle):
         "/gradio_api/file=params.yaml",
         "/gradio_api/file=app.py",
         "/gradio_api/file=mlflow.db",
-        f"/gradio_api/file={tiny_bundle}/{BUNDLE_FILE}",
-        f"/gradio_api/file={tiny_bundle}/{BUNDLE_MODEL}",
+        f"/gradio_api/file={tiny_bundle}/{ARTEFACT_FILE}",
+        f"/gradio_api/file={tiny_bundle}/{CARD_FILE}",
         f"/gradio_api/file={cache_dir}/../secret.txt",
         f"/gradio_api/file={cache_dir}/..%2Fsecret.txt",
         f"/gradio_api/file={upload}/../../../secret.txt",
@@ -188,40 +193,60 @@ def test_upload_names_cannot_escape_the_cache(live_app, cache_dir):
 
 
 # --------------------------------------------------------------------------------------------------
-# Models: Keras safe mode, never code from a model file
+# Models: the serving process runs an ONNX graph, never TensorFlow, Keras or code from a model file
+
+NO_TENSORFLOW_PROBE = """
+import sys
+import app
+outcome = app.predict_files([sys.argv[1]], app.SERVICE)
+assert outcome.results[0].scored and outcome.overlay is not None, outcome.results
+label, heatmap, table, status, details = app.demo(sys.argv[1], api_name="predict")  # the whole event
+details = getattr(details, "root", details)  # in process, Gradio hands back its JsonData model
+assert heatmap and details["results"][0]["probability"] is not None, (heatmap, details)
+loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("tensorflow", "keras", "tf_keras", "pipeline"))
+print("loaded:", loaded)
+assert "tensorflow" not in sys.modules and "keras" not in sys.modules, loaded
+assert not loaded, loaded
+"""
 
 
-def _lambda_bundle(folder: Path, marker: Path) -> Path:
-    """An export bundle whose model.keras holds a Lambda layer that would create `marker` when run."""
-    import keras
-
-    # The path is a constant inside the lambda's code (Keras cannot reload lambdas with default arguments).
-    touch = eval(f"lambda x: (__import__('pathlib').Path({str(marker)!r}).touch(), x)[1]")
-    inputs = keras.Input((64, 64, 1))
-    touched = keras.layers.Lambda(touch)(inputs)
-    pooled = keras.layers.GlobalAveragePooling2D()(touched)
-    outputs = keras.layers.Dense(1, activation="sigmoid")(pooled)
-    folder.mkdir(parents=True)
-    keras.Model(inputs, outputs).save(folder / BUNDLE_MODEL)
-    (folder / BUNDLE_FILE).write_text(json.dumps({"threshold": 0.5, "card": {}, "input_size": 64}))
-    marker.unlink(missing_ok=True)  # building the model ran the lambda once; from here it must not
-    return folder
+@pytest.mark.slow  # a fresh interpreter importing Gradio, ONNX Runtime and the app: about 5 s
+def test_the_app_process_never_imports_tensorflow(tiny_bundle, tmp_path):
+    """(Replaces the Keras safe-mode check: the app loads only the ONNX artefact, so no Keras model file,
+    Lambda layer or TensorFlow op is ever deserialised in the serving process.)"""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "PNEUMONIA_"))}
+    env.update(PNEUMONIA_MODEL_URI=str(tiny_bundle), GRADIO_TEMP_DIR=str(tmp_path / "cache"),
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONWARNINGS="ignore")
+    completed = subprocess.run([sys.executable, "-c", NO_TENSORFLOW_PROBE, str(EXAMPLES[0])], cwd=PROJECT_ROOT,
+                               env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+    assert "loaded: []" in completed.stdout
 
 
-def test_model_with_a_lambda_layer_is_refused_and_its_code_never_runs(app_module, tmp_path):
-    import keras
+def test_the_served_model_is_an_onnx_graph_of_standard_operators_only(tiny_bundle):
+    """What the app loads holds no pickle and no custom operator (a native library to load)."""
+    import onnx
 
-    marker = tmp_path / "lambda-ran"
-    folder = _lambda_bundle(tmp_path / "evil", marker)
-    with pytest.raises(ModelUnavailableError, match="(?i)lambda|safe_mode|unsafe"):
-        load_serving_model(str(folder))
-    service = app_module.load_service(str(folder))  # the app: a page that says why, not a crash
-    assert not service.ready and "safe" in service.problem.lower()
-    assert not marker.exists()
-    # The same file loaded unsafely does run the lambda: the marker is a real witness.
-    model = keras.models.load_model(folder / BUNDLE_MODEL, compile=False, safe_mode=False)
-    model(np.zeros((1, 64, 64, 1), dtype=np.float32))
-    assert marker.exists()
+    assert {path.name for path in tiny_bundle.iterdir()} == {ARTEFACT_FILE, CARD_FILE}
+    model = onnx.load(tiny_bundle / ARTEFACT_FILE)
+    onnx.checker.check_model(model)
+    standard = {"", "ai.onnx", "ai.onnx.ml"}  # the ONNX operator sets ONNX Runtime implements itself
+    domains = {node.domain for graph in _graphs(model.graph) for node in graph.node}
+    assert domains <= standard, domains
+    assert {opset.domain for opset in model.opset_import} <= standard
+    assert not any(function for function in model.functions)
+    assert [prop.key for prop in model.metadata_props] == [METADATA_KEY]  # a JSON decision, nothing else
+
+
+def _graphs(graph):
+    """A graph and its subgraphs (If/Loop bodies)."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.g.node:
+                yield from _graphs(attribute.g)
+            for sub in attribute.graphs:
+                yield from _graphs(sub)
 
 
 def _calls(tree: ast.AST) -> Iterator[tuple[str, ast.Call]]:
@@ -231,9 +256,12 @@ def _calls(tree: ast.AST) -> Iterator[tuple[str, ast.Call]]:
 
 
 def test_no_unsafe_deserialisation_in_the_code():
-    """Static check over the pipeline and the app: no pickle, no unsafe YAML, no Keras unsafe mode."""
+    """Static check over the pipeline, serving and the app: no pickle, no unsafe YAML, no Keras unsafe mode."""
     problems = []
-    for path in [*sorted((PROJECT_ROOT / "pipeline").glob("*.py")), PROJECT_ROOT / "app.py"]:
+    sources = [*sorted((PROJECT_ROOT / "pipeline").glob("*.py")), *sorted((PROJECT_ROOT / "serving").glob("*.py")),
+               PROJECT_ROOT / "app.py"]
+    assert len(sources) > 20
+    for path in sources:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import | ast.ImportFrom):
@@ -255,21 +283,26 @@ def test_no_unsafe_deserialisation_in_the_code():
     assert not problems, problems
 
 
-def test_prepared_split_with_an_object_array_is_refused_without_unpickling(tmp_path):
-    from pipeline.preprocess import load_split
+def test_prepared_split_with_an_object_array_is_refused_without_unpickling(tmp_path, monkeypatch):
+    from pipeline.arrays import load_split
+    from pipeline.paths import split_file
 
+    monkeypatch.chdir(tmp_path)  # prepared splits are read relative to the project folder
     marker = tmp_path / "unpickled"
+    prepared = tmp_path / split_file("train")
+    prepared.parent.mkdir(parents=True)
 
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))  # unpickling it creates the marker
 
-    with (tmp_path / "train.npz").open("wb") as handle:
-        np.savez(handle, images=np.array([Payload()], dtype=object), labels=np.zeros(1, dtype=np.uint8))
+    with prepared.open("wb") as handle:
+        np.savez(handle, images=np.array([Payload()], dtype=object), labels=np.zeros(1, dtype=np.uint8),
+                 patients=np.array(["p"]))
     with pytest.raises(ValueError, match="allow_pickle"):
-        load_split("train", tmp_path)
+        load_split("train")
     assert not marker.exists()
-    with np.load(tmp_path / "train.npz", allow_pickle=True) as arrays:  # the payload is live: a witness
+    with np.load(prepared, allow_pickle=True) as arrays:  # the payload is live: a witness
         arrays["images"][0].close()
     assert marker.exists()
 
@@ -294,8 +327,9 @@ def test_no_dicom_tags_pixels_or_file_names_in_logs(app_module, service, live_ap
     outcome = app_module.predict_files([str(path)], service)
     assert outcome.results[0].probability is not None
     client = client_for(live_app, tmp_path / "downloads")
-    _, _, table, _ = client.predict([handle_file(str(path))], api_name="/predict_files")  # over HTTP
+    _, _, table, _, details = client.predict([handle_file(str(path))], api_name="/predict_files")  # over HTTP
     assert table["data"][0][0] == name and table["data"][0][1] is not None
+    assert details["results"][0]["file"] == name  # the client gets its name back; the logs do not
     told = caplog.text + " ".join(str(record.args) for record in caplog.records)
     assert any(record.name == "app" and "scored 1 of 1" in record.getMessage() for record in caplog.records)
     for secret in ("Zanzibar", "Quixote", "PID-", "19800101", "Gondwana", name, name.removesuffix(".dcm")):
@@ -321,6 +355,7 @@ def test_upload_cache_policy_from_the_environment(app_module, monkeypatch):
             app_module.upload_cache_policy()
 
 
+@pytest.mark.slow  # waits for the cache sweeps: 5 to 12 s
 def test_uploads_and_heatmaps_are_deleted_after_their_age(app_module, service, tmp_path, monkeypatch):
     from gradio_client import handle_file
 
@@ -336,14 +371,14 @@ def test_uploads_and_heatmaps_are_deleted_after_their_age(app_module, service, t
         for index in range(3):
             upload = tmp_path / f"upload-{index}.png"
             upload.write_bytes(factory.png(fixture_xray(10 + index)))
-            _, heatmap, _, _ = client.predict(handle_file(str(upload)), api_name="/predict")
+            _, heatmap, _, _, _ = client.predict(handle_file(str(upload)), api_name="/predict")
             assert heatmap is not None
-        _, _, table, _ = client.predict([handle_file(str(upload)), handle_file(str(tmp_path / "upload-0.png"))],
-                                        api_name="/predict_files")
+        _, _, table, _, _ = client.predict([handle_file(str(upload)), handle_file(str(tmp_path / "upload-0.png"))],
+                                           api_name="/predict_files")
         assert len(table["data"]) == 2
         made = {path for path in cache.rglob("*") if path.is_file()}
         assert len([path for path in made if path.name.startswith("upload-")]) == 3  # in the configured cache
-        assert len([path for path in made if path.name == "gradcam.png"]) >= 3  # the rendered heatmaps
+        assert len([path for path in made if path.name == "heatmap.png"]) >= 3  # the rendered heatmaps
         # Swept every `age` seconds, a file is gone by 2 x age; polled, with slack for a busy machine.
         deadline = time.monotonic() + 2 * age + 8
         while True:

@@ -1,8 +1,8 @@
 """The one serving preprocessing: raw file bytes -> 8-bit greyscale pixels -> model input.
 
-Training (preprocess stage), the predict CLI and the app all go through `decode_greyscale` and
-`to_model_input`, so a model never sees pixels prepared differently from what it was trained on.
-Every failure is an `ImageDecodeError` (a `ValueError`) with a message fit to show a user.
+Training (preprocess stage), the predict CLI, the app and the MLflow model all go through
+`decode_greyscale` and `resize_grey`, so a model never sees pixels prepared differently from what it
+was trained on. Every failure is an `ImageDecodeError` (a `ValueError`) with a message fit to show a user.
 """
 
 from __future__ import annotations
@@ -13,18 +13,35 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_FILE_BYTES = 50 * 1024 * 1024
-# Largest chest X-ray detectors are ~4300 x 4300; anything far above that is a bomb or not an X-ray.
-MAX_PIXELS = 50_000_000
-MIN_SIDE = 32
-DICOM_MAGIC_OFFSET = 128
-# Formats PIL may try (JPEG includes its multi-picture MPO variant). Others are refused rather than
-# handed to rarely exercised decoders, and EPS would run Ghostscript on the upload.
-RASTER_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "GIF", "WEBP")
+from serving.dicom import decode_dicom
+from serving.pixels import (
+    DICOM_MAGIC_OFFSET,
+    MAX_FILE_BYTES,
+    MAX_PIXELS,
+    MIN_SIDE,
+    RASTER_FORMATS,
+    ImageDecodeError,
+    describe,
+    is_dicom,
+    stretch_to_uint8,
+)
 
+__all__ = [
+    "DICOM_MAGIC_OFFSET",
+    "MAX_FILE_BYTES",
+    "MAX_PIXELS",
+    "MIN_SIDE",
+    "RASTER_FORMATS",
+    "ImageDecodeError",
+    "decode_greyscale",
+    "describe",
+    "is_dicom",
+    "read_bytes",
+    "resize_grey",
+    "resize_to",
+    "stretch_to_uint8",
+]
 
-class ImageDecodeError(ValueError):
-    """An input that cannot be turned into a greyscale image, with a reason a user can act on."""
 
 
 def read_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
@@ -60,21 +77,10 @@ def _format_bytes(count: int) -> str:
     return f"{count} bytes"
 
 
-def describe(error: BaseException) -> str:
-    """An exception's message, or its type where it has none (IndexError() reads as nothing)."""
-    return str(error) or type(error).__name__
-
-
-def is_dicom(data: bytes) -> bool:
-    return data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
-
-
 def decode_greyscale(data: bytes, max_bytes: int = MAX_FILE_BYTES) -> np.ndarray:
     """Decode PNG/JPEG (any mode, EXIF orientation honoured) or DICOM bytes to a 2-D uint8 array."""
     _check_size(len(data), max_bytes)
     if is_dicom(data):
-        from pipeline.dicom import decode_dicom  # pydicom is only imported when a DICOM arrives
-
         pixels = decode_dicom(data)
     else:
         pixels = _decode_raster(data)
@@ -137,31 +143,18 @@ def _to_uint8_grey(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Map a high-bit-depth array linearly onto 0..255 using its own min and max."""
-    pixels = np.asarray(pixels, dtype=np.float64)
-    if not np.isfinite(pixels).all():
-        raise ImageDecodeError("image holds non-finite pixel values")
-    low, high = float(pixels.min()), float(pixels.max())
-    if high <= low:
-        return np.zeros(pixels.shape, dtype=np.uint8)
-    return np.round((pixels - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
 def resize_grey(grey: np.ndarray, size: int) -> np.ndarray:
     """Resize a 2-D uint8 image to size x size; aspect is not kept, as in the training data."""
+    return resize_to(grey, (size, size))
+
+
+def resize_to(grey: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a 2-D uint8 image to (height, width) with PIL's bilinear filter (antialiased when shrinking).
+
+    The browser page (`serving/web`) reimplements exactly this filter, so keep them in step."""
     if grey.ndim != 2 or grey.dtype != np.uint8:
         raise ValueError(f"expected a 2-D uint8 array, got {grey.dtype} with shape {grey.shape}")
-    if grey.shape == (size, size):
+    height, width = shape
+    if grey.shape == (height, width):
         return grey
-    return np.asarray(Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR))
-
-
-def to_model_input(grey: np.ndarray, size: int) -> np.ndarray:
-    """2-D uint8 image -> float32 (size, size, 1); values stay raw 0..255, the model rescales them."""
-    return resize_grey(grey, size).astype(np.float32)[..., np.newaxis]
-
-
-def load_for_model(path: Path, size: int) -> np.ndarray:
-    """File on disk -> model input (size, size, 1) float32; raises ImageDecodeError."""
-    return to_model_input(decode_greyscale(read_bytes(path)), size)
+    return np.asarray(Image.fromarray(grey).resize((width, height), Image.Resampling.BILINEAR))

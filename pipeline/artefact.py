@@ -1,0 +1,111 @@
+"""Build the serving artefact: the trained Keras network as one ONNX graph with its decision inside.
+
+The graph takes raw greyscale pixels (float32 N x S x S x 1, 0..255) and gives
+- `probability` (N): the calibrated probability of pneumonia. Calibration sigmoid(logit / T + b) is
+  folded into the last layer's weights, so nothing downstream applies it again;
+- `cam` (N x h x w): the class-activation map of the feature map that feeds global average pooling,
+  in calibrated logit units (positive: towards pneumonia). Its mean plus the folded bias is the logit,
+  and with global average pooling followed by one dense unit it equals Grad-CAM up to normalisation
+  (tested against `pipeline.gradcam`).
+The decision metadata (`serving.decision`) is written into the graph's metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from serving.decision import CAM_OUTPUT, INPUT_NAME, PROBABILITY_OUTPUT, Decision, write
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+POOLING_LAYER = "global_pool"
+# The artefact must agree with the Keras model it came from to float rounding.
+AGREEMENT_TOLERANCE = 1e-5
+
+
+class ArtefactError(RuntimeError):
+    """The network cannot be turned into a serving artefact that agrees with it."""
+
+
+def feature_map(keras_model: keras.Model):
+    """The (symbolic) tensor global average pooling reduces: what the CAM is computed on."""
+    try:
+        return keras_model.get_layer(POOLING_LAYER).input
+    except ValueError as error:
+        raise ArtefactError(f"the model has no '{POOLING_LAYER}' layer: not this project's CNN") from error
+
+
+def _head(keras_model: keras.Model) -> keras.layers.Dense:
+    head = keras_model.layers[-1]
+    if not (isinstance(head, keras.layers.Dense) and head.units == 1):
+        raise ArtefactError("the model must end in one dense unit")
+    return head
+
+
+def calibrated_head(keras_model: keras.Model, temperature: float, bias: float) -> tuple[np.ndarray, float]:
+    """(weights, bias) of the last dense unit with sigmoid(logit / temperature + bias) folded in."""
+    if not temperature > 0:
+        raise ArtefactError(f"temperature must be positive, got {temperature}")
+    kernel, dense_bias = (np.asarray(value, dtype=np.float64) for value in _head(keras_model).get_weights())
+    return kernel[:, 0] / temperature, float(dense_bias[0] / temperature + bias)
+
+
+def serving_function(keras_model: keras.Model, temperature: float = 1.0, bias: float = 0.0):
+    """The traced inference function the ONNX graph is converted from (also used to check it)."""
+    size = int(keras_model.input_shape[1])
+    features = keras.Model(keras_model.inputs, feature_map(keras_model))
+    weights, folded_bias = calibrated_head(keras_model, temperature, bias)
+    # Plain NumPy values, so the trace embeds them as constants rather than capturing graph inputs.
+    weights, folded_bias = weights.astype(np.float32), np.float32(folded_bias)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32, name=INPUT_NAME)])
+    def serve(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        maps = features(pixels, training=False)
+        cam = tf.tensordot(maps, weights, axes=[[3], [0]])
+        logit = tf.reduce_mean(cam, axis=[1, 2]) + folded_bias
+        return {PROBABILITY_OUTPUT: tf.sigmoid(logit), CAM_OUTPUT: cam}
+
+    return serve
+
+
+def build(keras_model: keras.Model, decision: Decision) -> bytes:
+    """The serving artefact (serialised ONNX) for `keras_model` under `decision`, checked against Keras."""
+    import tf2onnx
+
+    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    calibration = decision.calibration or {}
+    serve = serving_function(keras_model, float(calibration.get("temperature", 1.0)),
+                             float(calibration.get("bias", 0.0)))
+    proto, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature, opset=OPSET)
+    _name_outputs(proto, serve)
+    artefact = write(proto.SerializeToString(), decision)
+    _check_agreement(artefact, serve, int(keras_model.input_shape[1]))
+    return artefact
+
+
+def _name_outputs(proto, serve) -> None:
+    """tf2onnx names graph outputs after TensorFlow's tensors; rename them to the artefact's names."""
+    structured = serve.get_concrete_function().structured_outputs
+    renames = {tensor.name: key for key, tensor in structured.items()}
+    for node in proto.graph.node:
+        node.output[:] = [renames.get(name, name) for name in node.output]
+    for output in proto.graph.output:
+        output.name = renames.get(output.name, output.name)
+
+
+def _check_agreement(artefact: bytes, serve, size: int) -> None:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(artefact, providers=["CPUExecutionProvider"])
+    probe = np.random.default_rng(0).uniform(0, 255, (2, size, size, 1)).astype(np.float32)
+    expected = {key: value.numpy() for key, value in serve(tf.constant(probe)).items()}
+    actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: probe})))
+    for key, value in expected.items():
+        difference = float(np.abs(actual[key] - value).max())
+        if difference > AGREEMENT_TOLERANCE * max(1.0, float(np.abs(value).max())):
+            raise ArtefactError(f"the ONNX artefact's {key} differs from TensorFlow's by {difference:.2e}")

@@ -1,0 +1,122 @@
+"""Where the app works around Gradio 6.31, kept apart so each can go when Gradio fixes it.
+
+- `UploadBox`: `gr.File` without the empty temporary file it leaks per uploaded file.
+- `write_heatmap`: an output image written once and atomically (Gradio rewrites array outputs in place).
+- `private_cache` / `purge_cache`: uploads and heatmaps in a folder of this process only, deleted when it
+  stops (SIGTERM, SIGINT, Ctrl-C or a normal exit), and folders left by killed processes swept at start;
+  Gradio's own `delete_cache` only sweeps while the app runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import io
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from gradio.utils import NamedString, get_upload_folder
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+CACHE_PREFIX = "pneumonia-app-"
+
+
+class UploadBox(gr.File):
+    """`gr.File`, less a Gradio 6.31 leak: with type="filepath" its preprocessing opens an empty
+    `NamedTemporaryFile(delete=False)` in the upload cache for every file of every request, and nothing
+    ever deletes it (`delete_cache` tracks only the files Gradio hands out). The path passed on is the
+    upload's own cached copy, exactly as before."""
+
+    is_template = True  # drawn by the frontend's File component, as a gr.File
+
+    def _process_single_file(self, f: Any) -> Any:
+        if self.type == "filepath" and not self.file_types:
+            return NamedString(f.path)
+        return super()._process_single_file(f)
+
+
+def write_heatmap(overlay: np.ndarray) -> str:
+    """The overlay as a PNG in Gradio's cache, written once and atomically.
+
+    Returning the array would let Gradio 6.31 save it under a content-hash name by rewriting the file in
+    place, so a second request for the same image truncates the PNG while a first client downloads it.
+    A file already in the cache is served as it is, and swept by `delete_cache` like every upload.
+    """
+    buffer = io.BytesIO()
+    Image.fromarray(overlay).save(buffer, format="PNG", compress_level=1)
+    data = buffer.getvalue()
+    folder = Path(get_upload_folder()) / hashlib.sha256(data).hexdigest()
+    target = folder / "heatmap.png"
+    if target.exists():
+        os.utime(target)  # the sweep ages files by their times: this one was just served again
+        return str(target)
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(dir=folder, suffix=".partial")
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+    os.replace(staging, target)
+    return str(target)
+
+
+def private_cache(parent: Path | None = None) -> Path:
+    """Make a cache folder for this process and point Gradio at it (GRADIO_TEMP_DIR); sweep the folders
+    of earlier app processes that no longer run (killed with SIGKILL, the one signal that cannot be
+    handled). Call before any Gradio component is built: components keep the folder they were built with.
+    """
+    parent = Path(parent or tempfile.gettempdir())
+    for stale in parent.glob(f"{CACHE_PREFIX}*"):
+        if stale.is_dir() and not _process_alive(_pid_of(stale)):
+            shutil.rmtree(stale, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{CACHE_PREFIX}{os.getpid()}-", dir=parent))
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    return folder
+
+
+def purge_cache(folder: Path) -> None:
+    """Delete the cache folder and everything in it (uploads, heatmaps)."""
+    if Path(folder).exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("deleted the upload cache")
+
+
+def purge_on_exit(folder: Path) -> None:
+    """Delete `folder` however the process stops short of SIGKILL: SIGTERM becomes KeyboardInterrupt in
+    the main thread (what Gradio's `block_thread` closes the server on), then atexit purges."""
+    atexit.register(purge_cache, folder)
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        # Supervisors often signal twice (the process and its group): the purge must not be cut short.
+        signal.signal(signum, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, interrupt)
+
+
+def _pid_of(folder: Path) -> int:
+    digits = folder.name.removeprefix(CACHE_PREFIX).split("-", 1)[0]
+    return int(digits) if digits.isdigit() else -1
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -1,0 +1,8 @@
+"""The registered pyfunc's model-from-code file: MLflow runs it to build the model when loading it, so
+no pickled Python object is stored in the registry (see `serving.pyfunc`)."""
+
+from mlflow.models import set_model
+
+from serving.pyfunc import ScreeningModel
+
+set_model(ScreeningModel())

@@ -1,0 +1,177 @@
+"""The serving artefact in ONNX Runtime, and the one prediction path every way of serving shares.
+
+`Predictor` turns file bytes into a `Prediction`: decode (`serving.imaging`), refuse what is not
+plausibly a chest X-ray (`serving.checks`), score, and label at the artefact's own threshold. The app,
+the predict CLI, the MLflow pyfunc (and through it `mlflow models serve` and Spark) all call it, so they
+accept, refuse and label the same files the same way. No TensorFlow anywhere on this path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serving import checks
+from serving.decision import CAM_OUTPUT, INPUT_NAME, PROBABILITY_OUTPUT, Decision, DecisionError, read
+from serving.imaging import ImageDecodeError, decode_greyscale, read_bytes, resize_grey
+from serving.pixels import MAX_FILE_BYTES
+
+BATCH_SIZE = 64
+
+
+class ArtefactLoadError(RuntimeError):
+    """The artefact's bytes are not a usable serving model."""
+
+
+class ServingArtefact:
+    """The ONNX graph (calibrated probability and CAM per image) and the decision it carries."""
+
+    def __init__(self, onnx_model: bytes, source: str = "") -> None:
+        import onnxruntime
+
+        # ONNX Runtime ships with usage telemetry compiled in: a medical demo sends nothing anywhere.
+        onnxruntime.disable_telemetry_events()
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self._session = onnxruntime.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+            self.decision: Decision = read(self._session.get_modelmeta().custom_metadata_map)
+        except DecisionError as error:
+            raise ArtefactLoadError(f"{source or 'the model'}: {error}") from error
+        except Exception as error:  # onnxruntime reports a corrupt graph as several exception types
+            raise ArtefactLoadError(f"{source or 'the model'} is not a readable ONNX model: {error}") from error
+        outputs = {output.name for output in self._session.get_outputs()}
+        if not {PROBABILITY_OUTPUT, CAM_OUTPUT} <= outputs:
+            raise ArtefactLoadError(f"{source or 'the model'} lacks the outputs {PROBABILITY_OUTPUT} and {CAM_OUTPUT}")
+        self.source = source
+        self.size_bytes = len(onnx_model)
+
+    @classmethod
+    def from_file(cls, path: Path) -> ServingArtefact:
+        return cls(Path(path).read_bytes(), str(path))
+
+    @property
+    def input_size(self) -> int:
+        return self.decision.input_size
+
+    def run(self, images: np.ndarray, with_cam: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(calibrated probabilities N, CAMs N x h x w or None) for uint8 images N x S x S at the input size."""
+        if len(images) == 0:
+            return np.zeros(0, dtype=np.float32), None
+        batch = np.asarray(images, dtype=np.float32)[..., np.newaxis]
+        wanted = [PROBABILITY_OUTPUT, CAM_OUTPUT] if with_cam else [PROBABILITY_OUTPUT]
+        results = self._session.run(wanted, {INPUT_NAME: batch})
+        return results[0].reshape(-1), (results[1] if with_cam else None)
+
+    def probabilities(self, images: Sequence[np.ndarray], batch_size: int = BATCH_SIZE) -> np.ndarray:
+        """Calibrated probability per uint8 greyscale image of any size (resized as the model expects)."""
+        scores = [np.zeros(0, dtype=np.float32)]
+        for start in range(0, len(images), batch_size):
+            chunk = np.stack([resize_grey(image, self.input_size) for image in images[start:start + batch_size]])
+            scores.append(self.run(chunk)[0])
+        return np.concatenate(scores)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One file's result: a probability and label, or an error (then neither)."""
+
+    name: str
+    probability: float | None
+    label: str | None
+    threshold: float
+    error: str | None = None
+    # Filled on request, for the app's overlay: the decoded image and the CAM (calibrated logit units).
+    grey: np.ndarray | None = field(default=None, repr=False, compare=False)
+    cam: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def scored(self) -> bool:
+        return self.probability is not None
+
+
+class Predictor:
+    """File bytes in, predictions out, at the artefact's threshold; bad files become errors, never raise."""
+
+    def __init__(self, artefact: ServingArtefact) -> None:
+        self.artefact = artefact
+
+    @property
+    def decision(self) -> Decision:
+        return self.artefact.decision
+
+    @property
+    def threshold(self) -> float:
+        return self.decision.threshold
+
+    def predict(self, items: Iterable[tuple[str, bytes | None]], with_cam: bool = False,
+                max_bytes: int = MAX_FILE_BYTES) -> list[Prediction]:
+        """Predictions for (name, file bytes) pairs, in order; memory stays one batch of decoded images."""
+        results: list[Prediction] = []
+        for chunk in _chunks(items, BATCH_SIZE):
+            results += self._predict_chunk(chunk, with_cam, max_bytes)
+        return results
+
+    def predict_paths(self, paths: Iterable[Path], max_bytes: int = MAX_FILE_BYTES,
+                      with_cam: bool = False) -> list[Prediction]:
+        """Like `predict`, reading each file (within `max_bytes`) only when its batch comes up."""
+        results: list[Prediction] = []
+        for chunk in _chunks(paths, BATCH_SIZE):
+            loaded = [(str(path), _read_or_error(path, max_bytes)) for path in chunk]
+            results += self._predict_chunk(loaded, with_cam, max_bytes)
+        return results
+
+    def _predict_chunk(self, chunk: list[tuple[str, bytes | ImageDecodeError | None]], with_cam: bool,
+                       max_bytes: int) -> list[Prediction]:
+        results: list[Prediction | None] = [None] * len(chunk)
+        accepted: list[tuple[int, np.ndarray]] = []
+        for position, (name, data) in enumerate(chunk):
+            try:
+                grey = _decode(data, max_bytes)
+                problem = checks.implausibility(data, grey)
+            except ImageDecodeError as error:
+                problem = str(error)
+            if problem:
+                results[position] = Prediction(name, None, None, self.threshold, problem)
+            else:
+                accepted.append((position, grey))
+        size = self.artefact.input_size
+        batch = np.stack([resize_grey(grey, size) for _, grey in accepted]) if accepted else np.zeros((0, size, size))
+        probabilities, cams = self.artefact.run(batch, with_cam)
+        for index, (position, grey) in enumerate(accepted):
+            probability = float(probabilities[index])
+            results[position] = Prediction(
+                chunk[position][0], probability, self.decision.label(probability), self.threshold,
+                grey=grey if with_cam else None, cam=cams[index] if with_cam else None)
+        return results
+
+
+def _decode(data: bytes | ImageDecodeError | None, max_bytes: int) -> np.ndarray:
+    if isinstance(data, ImageDecodeError):
+        raise data
+    if data is None:
+        raise ImageDecodeError("no image data")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageDecodeError(f"expected the bytes of an image file, got {type(data).__name__}")
+    return decode_greyscale(bytes(data), max_bytes=max_bytes)
+
+
+def _read_or_error(path: Path, max_bytes: int) -> bytes | ImageDecodeError:
+    try:
+        return read_bytes(Path(path), max_bytes=max_bytes)
+    except ImageDecodeError as error:
+        return error
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,160 @@
+"""Every way of serving the registered model gives the same answer: the app (through gradio_client), the
+predict CLI, `mlflow.pyfunc.load_model` and the `mlflow models serve` endpoint, on the same files.
+
+The model is the tiny artefact registered as a pyfunc, exactly as the register stage logs it, in a
+temporary MLflow store; its scores mean nothing, agreement is what is tested.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import image_factory as factory
+from tests.helpers import EXAMPLES, PROJECT, client_for, free_port, launched, run, write
+
+pytestmark = pytest.mark.slow
+
+URI = "models:/pneumonia-cnn@production"
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def store(tiny_bundle, tmp_path_factory) -> Iterator[str]:
+    """A temporary MLflow store whose production model is the tiny artefact, registered as the stage does."""
+    import mlflow
+
+    from pipeline.register import log_serving_model
+    from serving.decision import write as stamp
+    from serving.runtime import ServingArtefact
+
+    folder = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{(folder / 'mlflow.db').as_posix()}"
+    artefact = tmp_path_factory.mktemp("artefact") / "model.onnx"
+    original = (tiny_bundle / "model.onnx").read_bytes()
+    artefact.write_bytes(stamp(original, ServingArtefact(original).decision.registered("pneumonia-cnn", "1")))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(PROJECT)
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.create_experiment("parity", artifact_location=(folder / "mlruns").as_uri())
+        with mlflow.start_run(experiment_id=experiment) as active:
+            pass
+        version = mlflow.register_model(log_serving_model(active.info.run_id, artefact), "pneumonia-cnn")
+        mlflow.MlflowClient().set_registered_model_alias("pneumonia-cnn", "production", version.version)
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("parity-files")
+    pixels = factory.xray()
+    twelve_bit = pixels.astype(np.uint16) * 16
+    normal = next(path for path in EXAMPLES if path.name.startswith("normal"))
+    pneumonia = next(path for path in EXAMPLES if path.name.startswith("pneumonia"))
+    return {
+        "normal.png": write(folder, "normal.png", normal.read_bytes()),
+        "pneumonia.png": write(folder, "pneumonia.png", pneumonia.read_bytes()),
+        "sixteen-bit.png": write(folder, "sixteen-bit.png",
+                                 factory.encode(Image.fromarray(pixels.astype(np.uint16) * 257))),
+        "scan.dcm": write(folder, "scan.dcm", factory.dicom(twelve_bit, patient_name="Doe^Jane")),
+        "exif-rotated.jpg": write(folder, "exif-rotated.jpg", factory.jpeg_with_orientation(np.rot90(pixels), 6)),
+        "notes.txt": write(folder, "notes.txt", b"not an image at all\n" * 10),
+    }
+
+
+def by_pyfunc(store: str, files: dict[str, str]) -> dict[str, tuple]:
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pyfunc.load_model(URI)
+    frame = model.predict(pd.DataFrame({"image": [Path(path).read_bytes() for path in files.values()]}))
+    return {name: (row.probability, row.label, row.error) for name, row in zip(files, frame.itertuples())}
+
+
+def by_cli(store: str, files: dict[str, str], tmp_path: Path) -> dict[str, tuple]:
+    output = tmp_path / "predictions.csv"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    run([sys.executable, "-m", "pipeline.predict", *files.values(), "--model-uri", URI, "--output", str(output)],
+        PROJECT, env, expected=1)  # 1: one file could not be read
+    rows = {Path(row["path"]).name: row for row in csv.DictReader(output.open())}
+    return {name: (float(row["probability_pneumonia"]) if row["probability_pneumonia"] else None,
+                   row["label"] or None, row["error"] or None) for name, row in rows.items()}
+
+
+def by_app(store: str, files: dict[str, str]) -> dict[str, tuple]:
+    from gradio_client import handle_file
+
+    import app
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", store)
+        service = app.ModelService(URI).load()
+        demo = app.create_demo(service)
+        try:
+            client = client_for(launched(demo))
+            results = {}
+            for name, path in files.items():
+                *_, details = client.predict(handle_file(path), api_name="/predict")
+                (row,) = details["results"]
+                results[name] = (row["probability"], row["label"], row["error"])
+        finally:
+            demo.close()
+    return results
+
+
+def by_server(store: str, files: dict[str, str]) -> dict[str, tuple]:
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", URI, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+        env=env, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if httpx.get(f"{url}/ping", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        records = [{"image": base64.b64encode(Path(path).read_bytes()).decode()} for path in files.values()]
+        answer = httpx.post(f"{url}/invocations", json={"dataframe_records": records}, timeout=60)
+        answer.raise_for_status()
+        rows = answer.json()["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    return {name: (row["probability"], row["label"], row["error"]) for name, row in zip(files, rows)}
+
+
+def test_every_serving_path_gives_the_same_answer(store, files, tmp_path):
+    answers = {"pyfunc": by_pyfunc(store, files), "cli": by_cli(store, files, tmp_path),
+               "app": by_app(store, files), "mlflow models serve": by_server(store, files)}
+    reference = answers["pyfunc"]
+    assert reference["notes.txt"][0] is None and "not a recognised image" in reference["notes.txt"][2]
+    assert all(reference[name][1] in ("NORMAL", "PNEUMONIA") for name in files if name != "notes.txt")
+    for way, answer in answers.items():
+        assert set(answer) == set(files), way
+        for name in files:
+            probability, label, error = answer[name]
+            expected_probability, expected_label, expected_error = reference[name]
+            assert label == expected_label and error == expected_error, (way, name, answer[name], reference[name])
+            if expected_probability is None:
+                assert probability is None, (way, name)
+            else:
+                assert abs(probability - expected_probability) <= TOLERANCE, (way, name)

@@ -1,0 +1,96 @@
+"""The layout of the code: what DVC knows each stage depends on, and which way imports may go.
+
+- every project module a stage imports (directly or through others, at any depth) is among its deps in
+  dvc.yaml, so a change to it reruns the stage;
+- no stage imports another stage;
+- every output dvc.yaml declares is a path named in pipeline/paths.py;
+- the serving package imports nothing from the training package, nor TensorFlow or Keras.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+from pipeline import paths
+from tests.helpers import PROJECT
+
+PACKAGES = ("pipeline", "serving")
+STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+
+
+def module_file(module: str) -> Path | None:
+    base = PROJECT / Path(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Project modules `path` imports anywhere in it (function-level imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        found |= {name for name in names if name.split(".")[0] in PACKAGES and module_file(name)}
+    return found
+
+
+def closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo += imported_modules(module_file(current))
+    return seen
+
+
+def stage_module(stage: dict) -> str:
+    command = stage["cmd"].split()
+    return command[command.index("-m") + 1]
+
+
+def covered(file: PurePosixPath, deps: list[str]) -> bool:
+    return any(file == PurePosixPath(dep) or PurePosixPath(dep) in file.parents for dep in deps)
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_imported_project_module_is_a_dependency(name):
+    stage = STAGES[name]
+    files = {PurePosixPath(module_file(m).relative_to(PROJECT).as_posix()) for m in closure(stage_module(stage))}
+    missing = sorted(str(file) for file in files if file.name != "__init__.py" and not covered(file, stage["deps"]))
+    assert not missing, f"stage {name} imports modules dvc.yaml does not list as deps: {missing}"
+
+
+def test_no_stage_imports_another_stage():
+    stage_modules = {stage_module(stage) for stage in STAGES.values()}
+    for module in stage_modules:
+        others = imported_modules(module_file(module)) & (stage_modules - {module})
+        assert not others, f"{module} imports the stage(s) {sorted(others)}"
+
+
+def test_declared_outputs_are_the_paths_module_names():
+    named = {str(value) for value in vars(paths).values() if isinstance(value, Path)}
+    for name, stage in STAGES.items():
+        for out in [*stage.get("outs", []), *stage.get("metrics", [])]:
+            path = out if isinstance(out, str) else next(iter(out))
+            assert path in named, f"stage {name} writes {path}, which pipeline/paths.py does not name"
+
+
+def test_serving_imports_neither_training_code_nor_tensorflow():
+    for path in sorted((PROJECT / "serving").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for module in names:
+                top = module.split(".")[0]
+                assert top not in ("pipeline", "tensorflow", "keras", "tf2onnx"), f"{path.name} imports {module}"
