@@ -123,6 +123,10 @@ class ModelService:
             log.warning("no model to serve: %s", error)
             self.problem = str(error)
             return
+        except Exception as error:  # a broken store or model must not stop the page from explaining itself
+            log.exception("the model at %s could not be loaded", self.uri)
+            self.problem = f"the model at {self.uri or 'the production alias'} could not be loaded: {error}"
+            return
         log.info("serving %s version %s (threshold %.4f), loaded in %.2f s", self.predictor.decision.model_name,
                  self.predictor.decision.model_version, self.predictor.threshold, time.perf_counter() - started)
 

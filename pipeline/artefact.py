@@ -6,19 +6,23 @@ The graph takes raw greyscale pixels (float32 N x S x S x 1, 0..255) and gives
 - `cam` (N x h x w): the class-activation map of the feature map that feeds global average pooling,
   in calibrated logit units (positive: towards pneumonia). Its mean plus the folded bias is the logit,
   and with global average pooling followed by one dense unit it equals Grad-CAM up to normalisation
-  (tested against `pipeline.gradcam`).
+  (tested against `pipeline.gradcam`);
+- `ood_score` (N), when an input gate is given: over the gate's layers, the sum of each layer's squared
+  Mahalanobis distance (per feature) from its globally pooled output to the nearer class mean (tied
+  covariance, fitted on the training images; `pipeline.ood`).
 The decision metadata (`serving.decision`) is written into the graph's metadata.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from serving.decision import CAM_OUTPUT, INPUT_NAME, PROBABILITY_OUTPUT, Decision, write
+from serving.decision import CAM_OUTPUT, INPUT_NAME, OOD_OUTPUT, PROBABILITY_OUTPUT, Decision, write
 
 log = logging.getLogger(__name__)
 
@@ -55,32 +59,75 @@ def calibrated_head(keras_model: keras.Model, temperature: float, bias: float) -
     return kernel[:, 0] / temperature, float(dense_bias[0] / temperature + bias)
 
 
-def serving_function(keras_model: keras.Model, temperature: float = 1.0, bias: float = 0.0):
+@dataclass(frozen=True)
+class LayerGate:
+    """One layer's part of the input gate: class means (C x D) of its globally pooled output and a factor W
+    of the shared precision matrix (precision = W W^T): the squared distance is |(f - mean) W|^2."""
+
+    layer: str
+    means: np.ndarray
+    precision_factor: np.ndarray
+
+    def distance(self, pooled: np.ndarray) -> np.ndarray:
+        """Per feature, to the nearer class mean: comparable across layers of different widths."""
+        offsets = pooled[:, np.newaxis, :] - self.means[np.newaxis]
+        return np.square(offsets @ self.precision_factor).sum(axis=2).min(axis=1) / self.means.shape[1]
+
+
+@dataclass(frozen=True)
+class Gate:
+    layers: tuple[LayerGate, ...]
+
+    def score(self, pooled: list[np.ndarray]) -> np.ndarray:
+        return sum(layer.distance(features) for layer, features in zip(self.layers, pooled))
+
+
+def serving_function(keras_model: keras.Model, temperature: float = 1.0, bias: float = 0.0,
+                     gate: Gate | None = None):
     """The traced inference function the ONNX graph is converted from (also used to check it)."""
     size = int(keras_model.input_shape[1])
-    features = keras.Model(keras_model.inputs, feature_map(keras_model))
+    gated = gate.layers if gate else ()
+    features = keras.Model(keras_model.inputs,
+                           [feature_map(keras_model), *(keras_model.get_layer(g.layer).output for g in gated)])
     weights, folded_bias = calibrated_head(keras_model, temperature, bias)
     # Plain NumPy values, so the trace embeds them as constants rather than capturing graph inputs.
     weights, folded_bias = weights.astype(np.float32), np.float32(folded_bias)
+    constants = [(g.means.astype(np.float32), g.precision_factor.astype(np.float32), np.float32(g.means.shape[1]))
+                 for g in gated]
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32, name=INPUT_NAME)])
     def serve(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        maps = features(pixels, training=False)
+        outputs = features(pixels, training=False)
+        maps, *layer_outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         cam = tf.tensordot(maps, weights, axes=[[3], [0]])
         logit = tf.reduce_mean(cam, axis=[1, 2]) + folded_bias
-        return {PROBABILITY_OUTPUT: tf.sigmoid(logit), CAM_OUTPUT: cam}
+        results = {PROBABILITY_OUTPUT: tf.sigmoid(logit), CAM_OUTPUT: cam}
+        if constants:
+            results[OOD_OUTPUT] = tf.add_n([_distance(output, *values) for output, values in zip(layer_outputs, constants)])
+        return results
 
     return serve
 
 
-def build(keras_model: keras.Model, decision: Decision) -> bytes:
-    """The serving artefact (serialised ONNX) for `keras_model` under `decision`, checked against Keras."""
+def _distance(layer_output: tf.Tensor, means: np.ndarray, factor: np.ndarray, width: np.float32) -> tf.Tensor:
+    """LayerGate.distance, in TensorFlow: pooled output, offsets N x C x D, nearer class, per feature."""
+    pooled = tf.reduce_mean(layer_output, axis=[1, 2])
+    offsets = pooled[:, tf.newaxis, :] - means[tf.newaxis]
+    distances = tf.reduce_sum(tf.square(tf.tensordot(offsets, factor, axes=[[2], [0]])), axis=2)
+    return tf.reduce_min(distances, axis=1) / width
+
+
+def build(keras_model: keras.Model, decision: Decision, gate: Gate | None = None) -> bytes:
+    """The serving artefact (serialised ONNX) for `keras_model` under `decision` (and with the input
+    `gate`, whose limit `decision.ood` holds), checked against TensorFlow."""
     import tf2onnx
 
+    if (gate is None) != (not decision.ood):
+        raise ArtefactError("an input gate and its limit (decision.ood) go together")
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
     calibration = decision.calibration or {}
     serve = serving_function(keras_model, float(calibration.get("temperature", 1.0)),
-                             float(calibration.get("bias", 0.0)))
+                             float(calibration.get("bias", 0.0)), gate)
     proto, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature, opset=OPSET)
     _name_outputs(proto, serve)
     artefact = write(proto.SerializeToString(), decision)

@@ -5,8 +5,8 @@ Calibration (`evaluate.calibration`) and the threshold (`evaluate.threshold_rule
 that fitted them is reported out of fold: cross-fitting by patient, so no figure is measured on the
 images that chose it. The others are measured once at the final threshold.
 
-Outputs: `models/serving.onnx` (the serving artefact: calibration folded in, the decision in its
-metadata), `reports/metrics.json` (headline figures: `dvc metrics show`), `reports/evaluation.json`
+Outputs: `models/calibrated.onnx` (the serving artefact, calibration folded in, the decision in its
+metadata; the ood stage adds the input gate), `reports/metrics.json` (headline figures: `dvc metrics show`), `reports/evaluation.json`
 (every metric with its CI), `reports/plots/` (DVC plots) and `reports/figures/` (PNGs, which need no CDN).
 """
 
@@ -39,7 +39,7 @@ from pipeline.metrics import (
 )
 from pipeline.params import EvaluateParams, ParamsError, stage_params
 from pipeline.paths import (
-    ARTEFACT_FILE,
+    CALIBRATED_FILE,
     EVALUATION_FILE,
     FIGURES_DIR,
     METRICS_FILE,
@@ -231,7 +231,7 @@ def log_to_training_run(report: dict[str, Any], figures: list[Path]) -> None:
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="evaluation")
         mlflow.log_artifact(str(EVALUATION_FILE), artifact_path="evaluation")
-        mlflow.log_artifact(str(ARTEFACT_FILE), artifact_path="serving")
+        mlflow.log_artifact(str(CALIBRATED_FILE), artifact_path="serving")
 
 
 def run(seed: int, params: EvaluateParams) -> dict[str, Any]:
@@ -246,8 +246,8 @@ def run(seed: int, params: EvaluateParams) -> dict[str, Any]:
     report, reported = evaluate(raw_scores, splits, params, seed)
     report["train"] = read_json(TRAIN_SUMMARY_FILE)
     decision = build_decision(report, params, keras_model, crop)
-    ARTEFACT_FILE.parent.mkdir(parents=True, exist_ok=True)
-    ARTEFACT_FILE.write_bytes(artefact.build(keras_model, decision))
+    CALIBRATED_FILE.parent.mkdir(parents=True, exist_ok=True)
+    CALIBRATED_FILE.write_bytes(artefact.build(keras_model, decision))
     write_json(EVALUATION_FILE, report)
     write_json(METRICS_FILE, headline(report))
     figures = []

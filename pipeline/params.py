@@ -120,6 +120,8 @@ class RobustnessParams:
 class OodParams:
     # The share of validation X-rays the gate must accept; its limit is that quantile of their scores.
     accept_rate: Annotated[StrictFloat, Field(gt=0.5, lt=1.0)]
+    # The gate sums the Mahalanobis distances of this many last blocks' pooled outputs.
+    blocks: Annotated[StrictInt, Field(ge=1)]
 
 
 @dataclass(config=_STRICT)

@@ -27,7 +27,9 @@ MANIFEST_FILE = PREPARED_DIR / "manifest.csv"
 MODEL_DIR = Path("models")
 MODEL_FILE = MODEL_DIR / "model.keras"
 RUN_FILE = MODEL_DIR / "train_run.json"
-# The serving artefact: ONNX graph with calibration folded in and the decision in its metadata.
+# The serving artefact: ONNX graph with calibration folded in and the decision in its metadata; first
+# calibrated (evaluate stage), then with the input gate (ood stage).
+CALIBRATED_FILE = MODEL_DIR / "calibrated.onnx"
 ARTEFACT_FILE = MODEL_DIR / "serving.onnx"
 
 REPORTS_DIR = Path("reports")

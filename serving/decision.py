@@ -18,6 +18,7 @@ CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 INPUT_NAME = "pixels"
 PROBABILITY_OUTPUT = "probability"
 CAM_OUTPUT = "cam"
+OOD_OUTPUT = "ood_score"
 
 
 class DecisionError(ValueError):
@@ -62,6 +63,19 @@ class Decision:
 
     def label(self, probability: float) -> str:
         return self.class_names[int(probability >= self.threshold)]
+
+    @property
+    def ood_limit(self) -> float | None:
+        """Images whose out-of-distribution score is above this are refused (None: no gate)."""
+        return float(self.ood["limit"]) if self.ood else None
+
+    def refusal(self, ood_score: float) -> str | None:
+        """The message for an image the gate refuses, or None when it passes (or there is no gate)."""
+        limit = self.ood_limit
+        if limit is None or ood_score <= limit:
+            return None
+        return (f"not recognised as a frontal paediatric chest X-ray (score {ood_score:.3g}, limit {limit:.3g}): "
+                "not scored")
 
     def registered(self, name: str, version: str) -> Decision:
         return replace(self, model_name=name, model_version=str(version))

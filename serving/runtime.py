@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from serving import checks
-from serving.decision import CAM_OUTPUT, INPUT_NAME, PROBABILITY_OUTPUT, Decision, DecisionError, read
+from serving.decision import (
+    CAM_OUTPUT,
+    INPUT_NAME,
+    OOD_OUTPUT,
+    PROBABILITY_OUTPUT,
+    Decision,
+    DecisionError,
+    read,
+)
 from serving.imaging import ImageDecodeError, decode_greyscale, read_bytes, resize_grey
 from serving.pixels import MAX_FILE_BYTES
 
@@ -44,8 +52,9 @@ class ServingArtefact:
         except Exception as error:  # onnxruntime reports a corrupt graph as several exception types
             raise ArtefactLoadError(f"{source or 'the model'} is not a readable ONNX model: {error}") from error
         outputs = {output.name for output in self._session.get_outputs()}
-        if not {PROBABILITY_OUTPUT, CAM_OUTPUT} <= outputs:
-            raise ArtefactLoadError(f"{source or 'the model'} lacks the outputs {PROBABILITY_OUTPUT} and {CAM_OUTPUT}")
+        needed = {PROBABILITY_OUTPUT, CAM_OUTPUT} | ({OOD_OUTPUT} if self.decision.ood else set())
+        if not needed <= outputs:
+            raise ArtefactLoadError(f"{source or 'the model'} lacks the outputs {sorted(needed - outputs)}")
         self.source = source
         self.size_bytes = len(onnx_model)
 
@@ -57,22 +66,37 @@ class ServingArtefact:
     def input_size(self) -> int:
         return self.decision.input_size
 
-    def run(self, images: np.ndarray, with_cam: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """(calibrated probabilities N, CAMs N x h x w or None) for uint8 images N x S x S at the input size."""
+    def run(self, images: np.ndarray, with_cam: bool = False) -> Scores:
+        """Scores of uint8 images N x S x S at the input size: calibrated probabilities, the gate's
+        out-of-distribution scores (when the artefact has a gate) and, if asked, the CAMs."""
         if len(images) == 0:
-            return np.zeros(0, dtype=np.float32), None
+            return Scores(np.zeros(0, dtype=np.float32), None, None)
         batch = np.asarray(images, dtype=np.float32)[..., np.newaxis]
-        wanted = [PROBABILITY_OUTPUT, CAM_OUTPUT] if with_cam else [PROBABILITY_OUTPUT]
-        results = self._session.run(wanted, {INPUT_NAME: batch})
-        return results[0].reshape(-1), (results[1] if with_cam else None)
+        wanted = [PROBABILITY_OUTPUT] + ([OOD_OUTPUT] if self.decision.ood else []) + ([CAM_OUTPUT] if with_cam else [])
+        results = dict(zip(wanted, self._session.run(wanted, {INPUT_NAME: batch})))
+        return Scores(results[PROBABILITY_OUTPUT].reshape(-1), results.get(CAM_OUTPUT), results.get(OOD_OUTPUT))
 
     def probabilities(self, images: Sequence[np.ndarray], batch_size: int = BATCH_SIZE) -> np.ndarray:
         """Calibrated probability per uint8 greyscale image of any size (resized as the model expects)."""
-        scores = [np.zeros(0, dtype=np.float32)]
-        for start in range(0, len(images), batch_size):
-            chunk = np.stack([resize_grey(image, self.input_size) for image in images[start:start + batch_size]])
-            scores.append(self.run(chunk)[0])
-        return np.concatenate(scores)
+        return self.scores(images, batch_size).probability
+
+    def scores(self, images: Sequence[np.ndarray], batch_size: int = BATCH_SIZE) -> Scores:
+        """`run` over uint8 greyscale images of any size, in batches (no CAMs)."""
+        parts = [self.run(np.stack([resize_grey(image, self.input_size) for image in images[start:start + batch_size]]))
+                 for start in range(0, len(images), batch_size)]
+        if not parts:
+            return self.run(np.zeros((0, self.input_size, self.input_size), dtype=np.uint8))
+        ood = None if parts[0].ood is None else np.concatenate([part.ood for part in parts])
+        return Scores(np.concatenate([part.probability for part in parts]), None, ood)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the graph gives for a batch: probabilities N, CAMs N x h x w (on request), OOD scores N (if gated)."""
+
+    probability: np.ndarray
+    cam: np.ndarray | None
+    ood: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -140,12 +164,17 @@ class Predictor:
                 accepted.append((position, grey))
         size = self.artefact.input_size
         batch = np.stack([resize_grey(grey, size) for _, grey in accepted]) if accepted else np.zeros((0, size, size))
-        probabilities, cams = self.artefact.run(batch, with_cam)
+        scores = self.artefact.run(batch, with_cam)
         for index, (position, grey) in enumerate(accepted):
-            probability = float(probabilities[index])
-            results[position] = Prediction(
-                chunk[position][0], probability, self.decision.label(probability), self.threshold,
-                grey=grey if with_cam else None, cam=cams[index] if with_cam else None)
+            name = chunk[position][0]
+            refusal = None if scores.ood is None else self.decision.refusal(float(scores.ood[index]))
+            if refusal:
+                results[position] = Prediction(name, None, None, self.threshold, refusal)
+                continue
+            probability = float(scores.probability[index])
+            results[position] = Prediction(name, probability, self.decision.label(probability), self.threshold,
+                                           grey=grey if with_cam else None,
+                                           cam=scores.cam[index] if with_cam else None)
         return results
 
 

@@ -68,13 +68,19 @@ def _registered_artefact(uri: str) -> Path:
     from mlflow.exceptions import MlflowException
 
     configure_tracking()
-    client = mlflow.MlflowClient()
     try:
-        version = resolve_version(client, uri)
+        version = resolve_version(mlflow.MlflowClient(), uri)
+    except ModelUnavailableError:
+        raise
     except MlflowException as error:
         raise ModelUnavailableError(
             f"no model at {uri} in the MLflow store {tracking_uri()}: train and register one with "
             "`make repro` (or `dvc repro`)"
+        ) from error
+    except Exception as error:  # a store MLflow cannot open (not a database, another schema): SQLAlchemy errors
+        raise ModelUnavailableError(
+            f"the MLflow store {tracking_uri()} cannot be read ({_brief(error)}): point MLFLOW_TRACKING_URI at a "
+            "working store, or serve an exported model with --model-uri"
         ) from error
     try:
         folder = Path(mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}"))

@@ -146,7 +146,7 @@ def test_details_give_model_threshold_and_one_entry_per_file(app_module, service
 def test_details_of_a_request_with_nothing_scored(app_module, service, tmp_path):
     outcome = app_module.predict_files([write(tmp_path, "x.jpg", b"GIF89a garbage")], service)
     assert outcome.details["model_name"] == "tiny-test-model" and outcome.details["model_version"] == "7"
-    ((entry),) = outcome.details["results"]
+    (entry,) = outcome.details["results"]
     assert entry["file"] == "x.jpg" and entry["probability"] is None and entry["label"] is None
     assert "not a recognised image" in entry["error"]
     assert app_module.predict_files([], service).details == {}  # nothing uploaded: nothing to describe
@@ -429,9 +429,6 @@ def test_no_registered_model_explains_how_to_train(app_module, no_registered_mod
 
 
 @pytest.mark.slow  # imports MLflow
-@pytest.mark.xfail(strict=True, reason="product bug: serving.store._registered_artefact lets sqlalchemy's "
-                   "DatabaseError from mlflow.MlflowClient() escape, and ModelService._load catches only "
-                   "ModelUnavailableError and TrackingUnavailableError")
 def test_corrupt_mlflow_store_becomes_a_message_not_a_crash(app_module, tmp_path, monkeypatch):
     store = tmp_path / "mlflow.db"
     store.write_bytes(b"not an SQLite database\n" * 200)

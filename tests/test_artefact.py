@@ -33,6 +33,9 @@ def decision(**values) -> Decision:
 
 @pytest.fixture(scope="module")
 def model():
+    import keras
+
+    keras.utils.set_random_seed(11)  # a fixed network, so that its maps have evidence both ways
     trained_like = tiny_keras_model(dropout=0.3)
     # Random weights, but not the initial ones: a dense head with a clear sign makes the CAM informative.
     rng = np.random.default_rng(3)
@@ -59,19 +62,20 @@ def test_probability_is_the_calibrated_keras_probability(model, fixture_batch):
     raw = keras_probabilities(model, fixture_batch)
     logit = np.log(raw / (1 - raw))
     expected = 1 / (1 + np.exp(-(logit / CALIBRATION["temperature"] + CALIBRATION["bias"])))
-    probabilities, _ = artefact.run(fixture_batch)
+    probabilities = artefact.run(fixture_batch).probability
     np.testing.assert_allclose(probabilities, expected, atol=2e-6)
 
 
 def test_without_calibration_it_is_the_keras_model(model, fixture_batch):
     artefact = ServingArtefact(build(model, decision()))
-    np.testing.assert_allclose(artefact.run(fixture_batch)[0], keras_probabilities(model, fixture_batch), atol=2e-6)
+    np.testing.assert_allclose(artefact.run(fixture_batch).probability, keras_probabilities(model, fixture_batch),
+                               atol=2e-6)
 
 
 @pytest.mark.parametrize("towards_pneumonia", [True, False])
 def test_cam_equals_tensorflow_grad_cam_up_to_normalisation(model, fixture_batch, towards_pneumonia):
     artefact = ServingArtefact(build(model, decision(calibration=CALIBRATION)))
-    _, cams = artefact.run(fixture_batch, with_cam=True)
+    cams = artefact.run(fixture_batch, with_cam=True).cam
     evidence = np.maximum(cams * (1 if towards_pneumonia else -1), 0)
     peaks = evidence.max(axis=(1, 2), keepdims=True)
     ours = np.divide(evidence, peaks, out=np.zeros_like(evidence), where=peaks > 0)
@@ -83,7 +87,8 @@ def test_cam_equals_tensorflow_grad_cam_up_to_normalisation(model, fixture_batch
 
 def test_cam_mean_plus_bias_is_the_calibrated_logit(model, fixture_batch):
     artefact = ServingArtefact(build(model, decision(calibration=CALIBRATION)))
-    probabilities, cams = artefact.run(fixture_batch, with_cam=True)
+    scores = artefact.run(fixture_batch, with_cam=True)
+    probabilities, cams = scores.probability, scores.cam
     _, bias = model.layers[-1].get_weights()
     folded_bias = bias[0] / CALIBRATION["temperature"] + CALIBRATION["bias"]
     logits = cams.mean(axis=(1, 2)) + folded_bias
@@ -108,7 +113,8 @@ def test_restamping_replaces_the_decision_and_keeps_the_graph(model, fixture_bat
     artefact = ServingArtefact(again)
     assert artefact.decision.model_version == "13"
     assert len([p for p in onnx.load_from_string(again).metadata_props if p.key == METADATA_KEY]) == 1
-    np.testing.assert_array_equal(artefact.run(fixture_batch)[0], ServingArtefact(data).run(fixture_batch)[0])
+    np.testing.assert_array_equal(artefact.run(fixture_batch).probability,
+                                  ServingArtefact(data).run(fixture_batch).probability)
 
 
 def test_bad_decisions_and_bad_artefacts_are_refused(model):
@@ -138,6 +144,7 @@ def test_a_model_without_global_pooling_is_refused():
 def test_crop_and_stem_models_convert_and_agree(fixture_batch):
     model = tiny_keras_model(crop=0.85, stem_filters=4, image_size=48)
     artefact = ServingArtefact(build(model, decision(crop=0.85)))
-    probabilities, cams = artefact.run(fixture_batch, with_cam=True)
+    scores = artefact.run(fixture_batch, with_cam=True)
+    probabilities, cams = scores.probability, scores.cam
     np.testing.assert_allclose(probabilities, keras_probabilities(model, fixture_batch), atol=2e-6)
     assert cams.shape == (len(fixture_batch), 6, 6)  # 48 px, strided stem to 24, two pooling blocks

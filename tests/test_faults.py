@@ -298,7 +298,7 @@ def register_tiny_pyfunc(store: Path) -> None:
     mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, PRODUCTION_ALIAS, version.version)
 
 
-DAMAGE = {"missing": "no serving artefact", "truncated": "missing or corrupt"}  # what the message says
+DAMAGE = {"missing": "serving artefact", "truncated": "missing or corrupt"}  # what the message says
 
 
 @pytest.fixture

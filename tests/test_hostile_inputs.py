@@ -204,6 +204,7 @@ def live_app(app_module, service) -> Iterator[tuple[str, object]]:
         demo.close()
 
 
+@pytest.mark.slow  # the whole corpus over HTTP: 3 to 5 s, plus starting the server
 def test_every_input_through_the_launched_app(live_app, corpus, app_module):
     from gradio_client import handle_file
 
@@ -236,6 +237,7 @@ def test_every_input_through_the_launched_app(live_app, corpus, app_module):
     assert httpx.get(url).status_code == 200
 
 
+@pytest.mark.slow  # shares the server above; test_app checks the 413 in the fast tier
 def test_the_oversize_file_is_refused_clearly_and_the_app_goes_on(live_app, corpus):
     from gradio_client import handle_file
 
@@ -256,7 +258,6 @@ def test_the_oversize_file_is_refused_clearly_and_the_app_goes_on(live_app, corp
 # (c) The batch predict CLI, one subprocess over the whole corpus
 
 
-@pytest.mark.slow  # a subprocess over the whole corpus
 def test_every_input_through_the_predict_cli(corpus, tiny_bundle, tmp_path):
     from pipeline.predict import expand_paths
 

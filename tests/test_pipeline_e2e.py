@@ -38,10 +38,13 @@ FIXTURE_COUNT = len(list(FIXTURE_DATASET.rglob("*.jpeg")))  # 48
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory, fixture_zip: Path) -> tuple[Path, dict[str, str]]:
-    """A git + DVC project copy with tiny params, after one full `dvc repro`."""
+    """A git + DVC project copy with tiny params, after one full `dvc repro` whose results (dvc.lock and
+    the reports) are committed, as they are in the real project."""
     root = tmp_path_factory.mktemp("project")
     env = create_project(root, fixture_zip)
     run(["dvc", "repro"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "reproduced"], root, env)
     return root, env
 
 
@@ -180,8 +183,7 @@ def test_local_archive_in_data_sources_replaces_the_configured_url(project, fixt
     configured = yaml.safe_load((PROJECT / "params.yaml").read_text())["data"]
     assert configured["source"].startswith("https://")
     update_params(root, data={"source": configured["source"], "sha256": configured["sha256"]})
-    run(["git", "add", "-A"], root, env)
-    run(["git", "commit", "-qm", "reproduced; data.source back at the URL"], root, env)
+    run(["git", "commit", "-qam", "data.source back at the URL"], root, env)
     params_before = (root / "params.yaml").read_bytes()
     (root / "data/sources/train").symlink_to(fixture_zip)
 
@@ -199,7 +201,7 @@ def test_local_archive_in_data_sources_replaces_the_configured_url(project, fixt
 
 
 def test_external_set_fits_calibration_and_decides_promotion(external_project):
-    root, env = external_project
+    root, _ = external_project
     summary = read(root, "reports/data_summary.json")
     assert set(summary["splits"]) == {"train", "val", "test", "external"}
     assert sum(split["images"] for split in summary["splits"].values()) == FIXTURE_COUNT
