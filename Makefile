@@ -22,7 +22,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: setup setup-dev repro sources test test-all lint app export space benchmark mlflow-ui clean
+.PHONY: setup setup-dev repro sources test test-all lint app export space benchmark mlflow-ui clean web
 
 setup: $(VENV)/.synced-runtime
 setup-dev: $(VENV)/.synced-dev
@@ -62,7 +62,7 @@ repro: setup sources
 test: setup-dev
 	pytest -q -m "not slow and not browser"
 
-test-all: setup-dev
+test-all: setup-dev web
 	pytest -q
 
 lint: setup-dev
@@ -76,16 +76,35 @@ export: setup
 
 # A folder to push to a Hugging Face Space: the app, the serving package, the production model exported
 # (a Space has no MLflow store), the Space's own locked requirements and its README front matter.
-space: setup
+space: setup web
 	rm -rf space
 	mkdir -p space
 	python -m pipeline.export space/model
 	cp -r app.py serving examples space/
 	rm -f space/serving/pyfunc.py
+	rm -rf space/serving/web/node_modules
 	find space/serving -name __pycache__ -prune -exec rm -rf {} +
 	cp deploy/space/README.md space/README.md
 	cd deploy/space && ../../$(UV) export --frozen --no-hashes --no-emit-project --no-header --quiet \
 		-o ../../space/requirements.txt
+
+# The on-device page's runtime, from npm at the versions locked in serving/web/package-lock.json: only the
+# files the page loads are copied to serving/web/vendor/ (git-ignored), which the app serves itself.
+WEB := serving/web
+WEB_VENDOR := $(WEB)/node_modules/onnxruntime-web/dist/ort.wasm.min.mjs \
+	$(WEB)/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.mjs \
+	$(WEB)/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm \
+	$(WEB)/node_modules/dicom-parser/dist/dicomParser.min.js
+
+web: $(WEB)/vendor/.built
+
+$(WEB)/vendor/.built: $(WEB)/package.json $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --ignore-scripts --no-audit --no-fund
+	rm -rf $(WEB)/vendor
+	mkdir -p $(WEB)/vendor/licenses
+	cp $(WEB_VENDOR) $(WEB)/vendor/
+	cp $(WEB)/node_modules/dicom-parser/LICENSE $(WEB)/vendor/licenses/dicom-parser.LICENSE
+	touch $@
 
 benchmark: setup-dev
 	python benchmarks/app_benchmark.py --output benchmarks/results.json

@@ -25,6 +25,7 @@ import gradio as gr
 import pandas as pd
 
 from serving import gradio_workarounds as workarounds
+from serving import ondevice
 from serving.card import DATA_SOURCE, NOT_A_DEVICE, card_markdown
 from serving.checks import CHECKS_TEXT
 from serving.overlay import heatmap, overlay
@@ -321,6 +322,8 @@ def create_demo(service: ModelService, max_file_bytes: int = DEFAULT_MAX_FILE_MB
         run.click(on_predict, inputs=[files], outputs=outputs, api_name="predict_files", concurrency_id="model")
         files.change(on_predict, inputs=[files], outputs=outputs, api_visibility="private", concurrency_id="model")
         demo.load(on_page_load, outputs=[panel, run, no_model], api_visibility="private")
+    # The "On this device" page: the same model in the visitor's browser (serving/ondevice.py).
+    ondevice.add_page(demo, service, max_file_bytes, max_files=MAX_FILES, overlay_max_side=OVERLAY_MAX_SIDE)
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
 
@@ -362,7 +365,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def launch(app: gr.Blocks, settings: argparse.Namespace) -> None:
     app.launch(server_name=settings.host, server_port=settings.port, share=settings.share,
                max_file_size=int(settings.max_file_mb * 1_000_000), show_error=False,
-               prevent_thread_lock=True, quiet=True)
+               prevent_thread_lock=True, quiet=True, **ondevice.launch_options(app))
     log.info("serving on %s", app.local_url)
     if settings.share and not app.share_url:
         log.warning("the public share link could not be created (no internet access?): "

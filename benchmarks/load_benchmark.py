@@ -12,7 +12,7 @@ Starts `python app.py` on a free loopback port (in its own process group, stoppe
   is classified: a success (a decision came back), a "Queue is full" refusal that the client reported
   clearly (counted as handled, with its message), or a failure by kind (timeout, connection error, HTTP
   status, app error, malformed answer, a heatmap PNG that arrived incomplete). Latency is the client's wall
-  time per call (upload, queue, scoring, Grad-CAM, download of the heatmap);
+  time per call (upload, queue, scoring, class-activation map, download of the heatmap);
 - phase 2 (memory): the same clients make the remaining calls until `--soak` calls in all have been answered
   (warm-up + phase 1 + top-up, whatever their outcome), then memory is taken again; growth is measured from
   the warm-up baseline.
@@ -150,9 +150,9 @@ def own_cpu_seconds() -> float:
 
 def default_model_uri() -> str:
     """The exported bundle if present (no MLflow import at app start-up), else the production alias."""
-    from pipeline.registry import BUNDLE_FILE, production_uri
+    from serving.store import ARTEFACT_FILE, production_uri
 
-    return str(EXPORTED_MODEL) if (EXPORTED_MODEL / BUNDLE_FILE).is_file() else production_uri()
+    return str(EXPORTED_MODEL) if (EXPORTED_MODEL / ARTEFACT_FILE).is_file() else production_uri()
 
 
 def classify(error: BaseException) -> tuple[str, str]:

@@ -18,13 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import keras
 import matplotlib
 import mlflow
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pipeline import artefact
 from pipeline.arrays import Split, has_split, load_split
 from pipeline.common import read_json, setup_logging, stage_errors, write_json
 from pipeline.metrics import (
@@ -134,7 +132,7 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     return figures
 
 
-def build_decision(report: dict[str, Any], params: EvaluateParams, keras_model: keras.Model,
+def build_decision(report: dict[str, Any], params: EvaluateParams, keras_model,
                    crop: float) -> Decision:
     run = read_json(RUN_FILE)
     return Decision(
@@ -149,7 +147,7 @@ def build_decision(report: dict[str, Any], params: EvaluateParams, keras_model: 
     )
 
 
-def model_crop(keras_model: keras.Model) -> float:
+def model_crop(keras_model) -> float:
     """The central fraction the network sees (its `centre_crop` layer), for the CAM overlay."""
     size = int(keras_model.input_shape[1])
     try:
@@ -236,6 +234,10 @@ def log_to_training_run(report: dict[str, Any], figures: list[Path]) -> None:
 
 def run(seed: int, params: EvaluateParams) -> dict[str, Any]:
     configure_tracking()  # first: an unreachable store fails in seconds, not after scoring and plotting
+    import keras  # here, not at the top: the fitting and reporting functions need no TensorFlow
+
+    from pipeline import artefact
+
     keras_model = keras.models.load_model(MODEL_FILE, compile=False, safe_mode=True)
     crop = model_crop(keras_model)
     size = int(keras_model.input_shape[1])

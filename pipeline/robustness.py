@@ -2,7 +2,8 @@
 
 Each shift (brightness, contrast, gamma, blur, noise, lower resolution, histogram equalisation) is applied
 to the pixels of every evaluated split (validation, carved test, external); the serving artefact, with
-its calibration and threshold, is scored as it will be served. Outputs `reports/robustness.json` (a
+its calibration and threshold, is scored as it will be served, and the share of shifted X-rays its input
+gate would refuse is reported beside the metrics (which count every image). Outputs `reports/robustness.json` (a
 report, not a DVC metric: it has a row per shift and split) and `reports/robustness.png`.
 """
 
@@ -98,18 +99,25 @@ def build_shifts(params: RobustnessParams) -> dict[str, Shift]:
 
 def measure(model: ServingArtefact, images: np.ndarray, labels: np.ndarray, shifts: dict[str, Shift],
             seed: int) -> dict[str, Any]:
-    threshold = model.decision.threshold
-    baseline = _reported(point_metrics(labels, model.probabilities(images), threshold))
+    baseline = _measured(model, images, labels)
     results = {}
     for name, shift in shifts.items():
-        shifted = shift(images, np.random.default_rng(seed))
-        metrics = _reported(point_metrics(labels, model.probabilities(shifted), threshold))
+        metrics = _measured(model, shift(images, np.random.default_rng(seed)), labels)
         metrics.update({f"{key}_change": round(metrics[key] - baseline[key], 4) for key in REPORTED})
         results[name] = metrics
         log.info("%-22s %s", name, {key: metrics[key] for key in REPORTED})
     worst = {key: min(result[f"{key}_change"] for result in results.values()) for key in REPORTED if key != "ece"}
     worst["ece"] = max(result["ece_change"] for result in results.values()) if results else 0.0
     return {"baseline": baseline, "shifts": results, "worst_change": worst}
+
+
+def _measured(model: ServingArtefact, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """The classifier's metrics on every image, and the share of them the input gate would refuse."""
+    scores = model.scores(images)
+    metrics = _reported(point_metrics(labels, scores.probability, model.decision.threshold))
+    limit = model.decision.ood_limit
+    metrics["refused_by_gate"] = None if limit is None else round(float(np.mean(scores.ood > limit)), 4)
+    return metrics
 
 
 def _reported(metrics: dict[str, float]) -> dict[str, float]:

@@ -86,7 +86,8 @@ class EpochLogger(keras.callbacks.Callback):
         row = {key: float(value) for key, value in (logs or {}).items()}
         row.update(epoch=epoch + 1, seconds=seconds, images_per_second=self.samples_per_epoch / seconds)
         self.rows.append(row)
-        mlflow.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=epoch + 1)
+        if mlflow.active_run() is not None:  # never start a run in some default store by accident
+            mlflow.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=epoch + 1)
         log.info("epoch %d: %s", epoch + 1, {key: round(value, 4) for key, value in row.items()})
 
 

@@ -90,11 +90,21 @@ def _registered_artefact(uri: str) -> Path:
             f"artefacts in the MLflow store): register a working model with `make repro`, or point the alias "
             f"at another version. Cause: {_brief(error)}"
         ) from error
+    if not (folder / PYFUNC_ARTEFACT).is_file() and _is_serving_model(folder):
+        raise ModelUnavailableError(
+            f"{uri} (version {version.version}) is registered but its serving artefact is missing from the "
+            "MLflow store: register a working model with `make repro`, or point the alias at another version")
     if not (folder / PYFUNC_ARTEFACT).is_file():
         raise ModelUnavailableError(
             f"{uri} (version {version.version}) has no serving artefact: it was registered by an older "
             "version of this project; register a new one with `make repro`")
     return folder / PYFUNC_ARTEFACT
+
+
+def _is_serving_model(folder: Path) -> bool:
+    """Whether an MLflow model folder is this project's pyfunc (its MLmodel names the artefact)."""
+    description = folder / "MLmodel"
+    return description.is_file() and "serving_model" in description.read_text(encoding="utf-8")
 
 
 def resolve_version(client, uri: str):

@@ -143,14 +143,14 @@ def train_briefly(train: Split, val: Split, checkpoint, epochs: int):
 
 def test_short_training_reduces_the_loss_and_is_deterministic(fixture_splits, logged_metrics, tmp_path):
     train, val = fixture_splits
-    model, rows = train_briefly(train, val, tmp_path / "first.weights.h5", epochs=3)
-    assert [row["epoch"] for row in rows] == [1, 2, 3]
-    assert [step for _, step in logged_metrics] == [1, 2, 3]
+    model, rows = train_briefly(train, val, tmp_path / "first.weights.h5", epochs=2)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert [step for _, step in logged_metrics] == [1, 2]
     assert {"loss", "val_loss", "val_auc", "images_per_second"} <= set(logged_metrics[0][0])
     assert rows[-1]["loss"] < rows[0]["loss"], rows
     assert all(0.0 <= row["val_auc"] <= 1.0 for row in rows)
     assert model.input_shape == (None, 48, 48, 1)
-    again, rows_again = train_briefly(train, val, tmp_path / "second.weights.h5", epochs=3)
+    again, rows_again = train_briefly(train, val, tmp_path / "second.weights.h5", epochs=2)
     assert [row["loss"] for row in rows] == [row["loss"] for row in rows_again]
     for first, second in zip(model.get_weights(), again.get_weights(), strict=True):
         np.testing.assert_array_equal(first, second)

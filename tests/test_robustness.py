@@ -56,7 +56,9 @@ def test_measure_reports_baseline_and_change_per_shift(images, artefact):
     labels = np.array([0, 1, 0, 1, 0, 1])
     shifts = build_shifts(PARAMS)
     result = measure(artefact, images, labels, shifts, seed=0)
-    assert set(result["baseline"]) == set(REPORTED)
+    assert set(result["baseline"]) - {"refused_by_gate"} == set(REPORTED)
+    # This artefact has no input gate: nothing is reported as refused by one.
+    assert result["baseline"].get("refused_by_gate") is None
     # The baseline is the served artefact's own scores at its own threshold.
     expected = point_metrics(labels, artefact.probabilities(images), artefact.decision.threshold)
     for key in REPORTED:

@@ -1,0 +1,372 @@
+"""Batch scoring on Apache Spark: `python -m pipeline.batch INPUT --output OUT [--master local[2]]
+[--model-uri URI]`. Writes Parquet with path, probability, label, threshold, model name and version, and error.
+
+INPUT is a folder (searched recursively) or a glob of image files, read with Spark's `binaryFile` source,
+or a Parquet table with a binary column of image file bytes (`--format parquet`, or a path ending in
+`.parquet`). Every row goes through `mlflow.pyfunc.spark_udf` on the registered MLflow model (the pyfunc
+around the ONNX serving artefact, `serving.pyfunc`), so Spark accepts, refuses and labels files exactly as
+the app and `python -m pipeline.predict` do. A bad file becomes a row with an error, never a failed job:
+undecodable or implausible images are refused by the model; files Spark cannot read (vanished, unreadable,
+over the size limit) are added as error rows after the job.
+
+It runs unchanged in local mode (`--master local[2]`), on a cluster (`--master spark://HOST:7077`), or under
+`spark-submit` (which sets the master; then omit --master). A `models:/NAME@ALIAS` URI is resolved once, on
+the driver, to a version: every executor scores with that version even if the alias moves meanwhile.
+On a cluster the executors need this project's Python packages (`pip install .[cpu]` or the same image);
+the model itself is shipped to them by Spark. Needs the `spark` extra (pyspark) and Java 17 or later.
+
+Exit status: 0 all files scored; 1 some rows carry an error; 2 no usable model, no input, or Spark could
+not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.locations import TrackingUnavailableError, configure_tracking, production_uri
+from serving.pixels import MAX_FILE_BYTES
+
+log = logging.getLogger("pipeline.batch")
+
+OUTPUT_COLUMNS = ["path", "probability", "label", "threshold", "model_name", "model_version", "error"]
+# Files the folder reader scores: image extensions as in the predict CLI, plus names without an
+# extension (scanners often write DICOM files without one). Hidden files are skipped.
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "tif", "tiff", "bmp", "gif", "webp", "dcm", "dicom")
+IMAGE_NAME_PATTERN = rf"(?i)^[^.].*\.({'|'.join(IMAGE_SUFFIXES)})$|^[^.]+$"
+# Spark packs small files into one task up to this many bytes, counting each file as `openCostInBytes`
+# at least; the cost is set so that a task holds about --images-per-task small files.
+MAX_PARTITION_BYTES = 128 * 1024 * 1024
+DEFAULT_IMAGES_PER_TASK = 256
+RESULT_TYPE = "probability double, label string, threshold double, error string"
+UNREADABLE = "the file could not be read (vanished, unreadable, or larger than {limit} MB): not scored"
+PANDAS_WARNING = "PySpark does not yet fully support pandas"
+EXIT_OK, EXIT_SOME_ERRORS, EXIT_UNUSABLE = 0, 1, 2
+
+
+class BatchError(RuntimeError):
+    """A batch that cannot start (no model, no input, output exists, no Spark), with what to do."""
+
+
+@dataclass(frozen=True)
+class ScoringModel:
+    """The model the executors run: a local MLflow model folder and what the registry says it is."""
+
+    local_path: str
+    uri: str
+    name: str
+    version: str
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Summary:
+    total: int
+    scored: int
+    errors: int
+    labels: dict[str, int]
+    top_errors: list[tuple[str, int]]
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.total / self.seconds if self.seconds > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+
+def resolve_model(uri: str | None, scratch: Path) -> ScoringModel:
+    """Download the MLflow model behind `uri` (default: production) once, on the driver, pinned to a version."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from serving.runtime import ArtefactLoadError, ServingArtefact
+    from serving.store import ModelUnavailableError, resolve_version
+
+    uri = uri or production_uri()
+    registered_name = registered_version = None
+    pinned = uri
+    if uri.startswith("models:/"):
+        configure_tracking()
+        try:
+            version = resolve_version(mlflow.MlflowClient(), uri)
+        except MlflowException as error:
+            raise ModelUnavailableError(f"no model at {uri} in the MLflow store: {_one_line(error)}") from error
+        registered_name, registered_version = version.name, str(version.version)
+        pinned = f"models:/{version.name}/{version.version}"
+    elif not Path(uri).exists() and "://" not in uri:
+        raise ModelUnavailableError(f"{uri}: neither a models:/ URI nor an existing MLflow model folder")
+    elif "://" not in uri and not (Path(uri) / "MLmodel").is_file():
+        raise ModelUnavailableError(
+            f"{uri} is not an MLflow model folder (no MLmodel file): Spark scores registered models; score an "
+            "exported model folder with `python -m pipeline.predict --model-uri`")
+    else:
+        configure_tracking()  # runs:/ and mlflow-artifacts:/ URIs go through the tracking server
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(scratch)))
+    except Exception as error:  # MLflow surfaces missing artefacts as many exception types
+        raise ModelUnavailableError(f"{pinned}: the model's files cannot be downloaded ({_one_line(error)})") from error
+    onnx = local / "artifacts" / "model.onnx"
+    try:
+        decision = ServingArtefact.from_file(onnx).decision
+    except (OSError, ArtefactLoadError) as error:
+        raise ModelUnavailableError(
+            f"{uri} is not this project's registered pyfunc (no readable artifacts/model.onnx: {error}); register "
+            "one with `make repro`") from error
+    return ScoringModel(local_path=str(local), uri=pinned, name=registered_name or decision.model_name,
+                        version=registered_version or str(decision.model_version or "unregistered"),
+                        threshold=float(decision.threshold))
+
+
+# --------------------------------------------------------------------------------------------------
+# Spark
+
+
+def start_spark(master: str | None, app_name: str = "pneumonia-batch-scoring"):
+    """A SparkSession: `master` if given, else whatever spark-submit or the Spark config says, else local[*]."""
+    try:
+        from pyspark import SparkConf
+        from pyspark.sql import SparkSession
+    except ImportError as error:
+        raise BatchError("pyspark is not installed: install the `spark` extra (`make setup-spark`, or "
+                         "`uv sync --extra cpu --extra spark`)") from error
+    configured = SparkConf().get("spark.master", None)
+    master = master or configured or "local[*]"
+    if master.startswith("local"):
+        # Local Python workers run this interpreter (on a cluster, spark.pyspark.python decides), and
+        # inherit this environment: keep them quiet too.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYTHONWARNINGS", f"ignore:{PANDAS_WARNING}:FutureWarning")
+    builder = SparkSession.builder.appName(app_name).master(master)
+    if master.startswith("local"):
+        builder = builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+    try:
+        spark = builder.getOrCreate()
+    except Exception as error:  # PySparkRuntimeError (no Java, JVM died at start) and friends
+        raise BatchError(f"Spark could not start ({_one_line(error)}); Spark 4 needs Java 17 or later on PATH or "
+                         "in JAVA_HOME (see docs/scaling.md)") from error
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def configure_reads(spark, images_per_task: int) -> None:
+    """Small tasks of about `images_per_task` files, bounded in bytes; unreadable files skipped (and added
+    back as error rows afterwards), so that one bad file never fails the job."""
+    conf = {
+        "spark.sql.files.maxPartitionBytes": str(MAX_PARTITION_BYTES),
+        "spark.sql.files.openCostInBytes": str(max(1, MAX_PARTITION_BYTES // max(1, images_per_task))),
+        "spark.sql.files.ignoreCorruptFiles": "true",
+        "spark.sql.files.ignoreMissingFiles": "true",
+        "spark.sql.sources.binaryFile.maxLength": str(MAX_FILE_BYTES),
+        # Arrow batches to the Python workers: bounded memory however large a partition is.
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(max(1, images_per_task)),
+    }
+    for key, value in conf.items():
+        spark.conf.set(key, value)
+
+
+def is_parquet(source: str, fmt: str) -> bool:
+    if fmt != "auto":
+        return fmt == "parquet"
+    if source.rstrip("/").lower().endswith(".parquet"):
+        return True
+    local = Path(source)
+    return local.is_dir() and any(local.glob("*.parquet"))
+
+
+def read_input(spark, source: str, fmt: str, image_column: str | None, path_column: str):
+    """(DataFrame of path + image bytes to score, DataFrame of every listed path or None, files skipped)."""
+    from pyspark.sql import functions as F
+
+    if is_parquet(source, fmt):
+        table = spark.read.parquet(source)
+        column = image_column or next((c for c in ("image", "content") if c in table.columns), None)
+        if column is None or column not in table.columns:
+            raise BatchError(f"{source} has no column {column or 'image or content'} of image bytes "
+                             f"(columns: {', '.join(table.columns)}); name it with --image-column")
+        path = (F.col(path_column).cast("string") if path_column in table.columns
+                else F.concat(F.lit("row-"), F.monotonically_increasing_id().cast("string")))
+        return table.select(path.alias("path"), F.col(column).alias("image")), None, 0
+    found = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(source)
+    is_image = F.element_at(F.split("path", "/"), -1).rlike(IMAGE_NAME_PATTERN)
+    skipped = found.filter(~is_image).select("path").count()  # file metadata only: no content is read
+    images = found.filter(is_image)
+    return images.select("path", F.col("content").alias("image")), images.select("path"), skipped
+
+
+def score(spark, frame, model: ScoringModel):
+    """The scored DataFrame, in OUTPUT_COLUMNS (one row per input row, in the input's partitions)."""
+    import mlflow.pyfunc
+    from pyspark.sql import functions as F
+
+    udf = mlflow.pyfunc.spark_udf(spark, model.local_path, env_manager="local", result_type=RESULT_TYPE)
+    result = frame.withColumn("result", udf(F.col("image")))
+    # spark_udf casts a string field holding some None values with astype(str) (None -> "None") and a
+    # double field with astype(float64) (None -> NaN): back to nulls. Labels are class names and errors
+    # sentences, never the bare word.
+    def nullable(name: str):
+        value = F.col(f"result.{name}")
+        return F.when(value == "None", F.lit(None).cast("string")).otherwise(value).alias(name)
+
+    probability = F.col("result.probability")
+    return result.select(
+        "path", F.when(F.isnan(probability), F.lit(None).cast("double")).otherwise(probability).alias("probability"),
+        nullable("label"), "result.threshold", F.lit(model.name).alias("model_name"),
+        F.lit(model.version).alias("model_version"), nullable("error"))
+
+
+def add_unreadable(spark, listed, output: str, model: ScoringModel) -> int:
+    """Listed image files that produced no row (Spark skipped them as unreadable) become error rows."""
+    from pyspark.sql import functions as F
+
+    written = spark.read.parquet(output).select("path")
+    missing = listed.join(written, on="path", how="left_anti")
+    rows = missing.select(
+        "path", F.lit(None).cast("double").alias("probability"), F.lit(None).cast("string").alias("label"),
+        F.lit(model.threshold).alias("threshold"), F.lit(model.name).alias("model_name"),
+        F.lit(model.version).alias("model_version"),
+        F.lit(UNREADABLE.format(limit=MAX_FILE_BYTES // (1024 * 1024))).alias("error")).cache()
+    count = rows.count()
+    if count:
+        rows.coalesce(1).write.mode("append").parquet(output)
+    rows.unpersist()
+    return count
+
+
+def summarise(spark, output: str, seconds: float) -> Summary:
+    from pyspark.sql import functions as F
+
+    table = spark.read.parquet(output)
+    counts = {row["label"]: row["count"] for row in table.groupBy("label").count().collect()}
+    errors = (table.filter(F.col("error").isNotNull()).groupBy("error").count()
+              .orderBy(F.desc("count")).limit(5).collect())
+    total = sum(counts.values())
+    unlabelled = counts.pop(None, 0)
+    return Summary(total=total, scored=total - unlabelled, errors=unlabelled,
+                   labels=dict(sorted(counts.items())),
+                   top_errors=[(row["error"], row["count"]) for row in errors], seconds=seconds)
+
+
+def score_to_parquet(spark, source: str, output: str, model: ScoringModel, *, fmt: str = "auto",
+                     image_column: str | None = None, path_column: str = "path",
+                     images_per_task: int = DEFAULT_IMAGES_PER_TASK, overwrite: bool = False) -> Summary:
+    """Score `source` into the Parquet folder `output` on a running session; the summary read back from it."""
+    configure_reads(spark, images_per_task)
+    frame, listed, skipped = read_input(spark, source, fmt, image_column, path_column)
+    if skipped:
+        log.info("%d files under %s are not images by name: skipped", skipped, source)
+    started = time.perf_counter()
+    score(spark, frame, model).write.mode("overwrite" if overwrite else "errorifexists").parquet(output)
+    unreadable = add_unreadable(spark, listed, output, model) if listed is not None else 0
+    seconds = time.perf_counter() - started
+    if unreadable:
+        log.warning("%d files could not be read: error rows added", unreadable)
+    return summarise(spark, output, seconds)
+
+
+def run(args: argparse.Namespace) -> tuple[Summary, ScoringModel]:
+    output = str(args.output)
+    if "://" not in output and Path(output).exists() and not args.overwrite:
+        raise BatchError(f"{output} exists: pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="pneumonia-batch-") as scratch:
+        model = resolve_model(args.model_uri, Path(scratch))
+        log.info("scoring with %s version %s (threshold %.4f) from %s", model.name, model.version,
+                 model.threshold, model.uri)
+        spark = start_spark(args.master)
+        try:
+            summary = score_to_parquet(spark, args.input, output, model, fmt=args.format,
+                                       image_column=args.image_column, path_column=args.path_column,
+                                       images_per_task=args.images_per_task, overwrite=args.overwrite)
+        finally:
+            spark.stop()
+    return summary, model
+
+
+def report(summary: Summary, model: ScoringModel, output: str) -> str:
+    labels = ", ".join(f"{label} {count}" for label, count in summary.labels.items()) or "none"
+    lines = [(f"scored {summary.scored} of {summary.total} files in {summary.seconds:.1f} s "
+             f"({summary.images_per_second:.0f} files/s) with {model.name} version {model.version} "
+             f"(threshold {model.threshold:.4f}): {labels}; {summary.errors} not scored"),
+             f"wrote {output}"]
+    lines += [f"  not scored ({count}): {error}" for error, count in summary.top_errors]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.batch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("input", help="a folder or glob of image files, or a Parquet table of image bytes")
+    parser.add_argument("--output", required=True, help="the Parquet folder to write")
+    parser.add_argument("--master", default=None,
+                        help="Spark master: local[2], spark://HOST:7077... (default: as spark-submit or the "
+                             "Spark config set it, else local[*])")
+    parser.add_argument("--model-uri", default=None,
+                        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or an MLflow model folder "
+                             "(default: the production alias in the MLflow store)")
+    parser.add_argument("--format", choices=["auto", "files", "parquet"], default="auto",
+                        help="how to read INPUT (auto: Parquet if it ends in .parquet or holds .parquet files)")
+    parser.add_argument("--image-column", default=None, help="Parquet input: the column of image bytes "
+                                                             "(default: image, else content)")
+    parser.add_argument("--path-column", default="path", help="Parquet input: the column naming each row "
+                                                              "(default: path; row numbers if absent)")
+    parser.add_argument("--images-per-task", type=int, default=DEFAULT_IMAGES_PER_TASK,
+                        help="about this many small files per Spark task (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    return parser.parse_args(argv)
+
+
+def quiet() -> None:
+    """Spark and MLflow chatter that says nothing to act on here."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # pyspark 4.x warns on every import that it does not "fully support" pandas 3 (the Arrow path used
+    # here is covered by tests/test_batch.py).
+    warnings.filterwarnings("ignore", message=PANDAS_WARNING, category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet()
+    for noisy in ("py4j", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = parse_args(argv)
+    from serving.store import ModelUnavailableError
+
+    try:
+        summary, model = run(args)
+    except (BatchError, ModelUnavailableError, TrackingUnavailableError) as error:
+        log.error("%s", _one_line(error))
+        return EXIT_UNUSABLE
+    except Exception as error:
+        if _is_no_input(error):
+            log.error("no files found at %s", args.input)
+            return EXIT_UNUSABLE
+        raise
+    if summary.total == 0:
+        log.error("no image files found at %s", args.input)
+        return EXIT_UNUSABLE
+    print(report(summary, model, str(args.output)))
+    return EXIT_SOME_ERRORS if summary.errors else EXIT_OK
+
+
+def _is_no_input(error: BaseException) -> bool:
+    """Spark's AnalysisException for a path that matches nothing (PATH_NOT_FOUND)."""
+    text = str(error)
+    return type(error).__name__ == "AnalysisException" and ("PATH_NOT_FOUND" in text or "does not exist" in text)
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+if __name__ == "__main__":
+    sys.exit(main())

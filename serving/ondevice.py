@@ -1,0 +1,264 @@
+"""On-device screening: the production model runs in the visitor's browser and the image never leaves it.
+
+The app gets a second page, "On this device" (`add_page`), beside the server page. Its script (the ES
+modules in `serving/web/`) fetches three things from this server, once per page load, and nothing else:
+
+- `/ondevice/config.json`: the decision metadata, read from the served artefact through `serving.decision`
+  (threshold, input size, crop, class names, the out-of-distribution limit), plus the limits and
+  plausibility checks of `serving.pixels` / `serving.checks` and the overlay palette of `serving.overlay`,
+  so the page decides exactly as the server does;
+- `/ondevice/model.onnx`: the bytes of the ONNX serving artefact the server itself loaded;
+- `/ondevice/<asset>`: one of a fixed list of files: the page's modules, and ONNX Runtime Web's module and
+  WebAssembly binary and dicom-parser, copied from npm into `serving/web/vendor/` by `make web` (no CDN).
+
+The page then decodes, checks, resizes and scores files in memory (ONNX Runtime Web, WebAssembly backend,
+one thread). Routes serve no path taken from a request: an asset name is looked up in the fixed list.
+
+Gradio builds its FastAPI app at launch, so the routes reach it through `launch(**launch_options(demo))`
+(FastAPI's own `routes` argument, passed by Gradio's `app_kwargs`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from serving import checks, overlay, pixels
+from serving.card import NOT_A_DEVICE
+from serving.decision import CAM_OUTPUT, INPUT_NAME, OOD_OUTPUT, PROBABILITY_OUTPUT
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/ondevice"
+PAGE_NAME = "On this device"
+PAGE_PATH = "on-device"
+MAIN_PAGE_NAME = "On the server"
+WEB_DIR = Path(__file__).parent / "web"
+VENDOR_DIR = WEB_DIR / "vendor"
+# The page's own ES modules, and what `make web` copies from node_modules: the only files served.
+MODULES = ("ondevice.js", "imaging.js", "decode.js", "dicom.js")
+ORT_MODULE = "ort.wasm.min.mjs"  # ONNX Runtime Web, WebAssembly backend only
+ORT_WASM = ("ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")  # loaded by ORT_MODULE
+DICOM_PARSER = "dicomParser.min.js"
+VENDOR_FILES = (ORT_MODULE, *ORT_WASM, DICOM_PARSER)
+MEDIA_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm"}
+DEFAULT_MAX_FILES = 16
+DEFAULT_OVERLAY_MAX_SIDE = 512
+NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+REVALIDATE = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+
+INTRO = f"""
+# Screen on this device
+
+The model runs **in this browser** (ONNX Runtime Web on WebAssembly): the X-ray is read, checked and
+scored on this device and **never uploaded**. This page downloads the model and its decision threshold
+once; after that it works offline. Same model, threshold and preprocessing as the server page
+(**{MAIN_PAGE_NAME}**), which stays available, and which also reads TIFF, BMP, GIF and WebP files and
+compressed DICOM.
+
+> {NOT_A_DEVICE}
+"""
+
+FOOTNOTE = f"""
+**What stays on this device:** the image, its file name and every result. The requests this page makes are
+for the model, its metadata and the runtime, all from this server; none carries anything about an image.
+{checks.CHECKS_TEXT} The map shows where the model looked, **not where a lesion is**.
+"""
+
+# The page's markup; ondevice.js fills it. Ids are what the tests and the script look for.
+PAGE_HTML = """
+<div id="ondevice" class="ondevice">
+  <p id="ondevice-status" role="status" style="font-weight:600">Starting on-device screening...</p>
+  <div id="ondevice-drop" style="border:1px dashed #999;border-radius:8px;padding:16px;margin:8px 0">
+    <label for="ondevice-files">Chest X-rays (PNG, JPEG or DICOM), read on this device:</label>
+    <input id="ondevice-files" type="file" multiple disabled>
+  </div>
+  <p id="ondevice-label" style="font-size:1.2em;font-weight:600"></p>
+  <canvas id="ondevice-heatmap" hidden style="max-width:100%;height:auto"
+          aria-label="Where the model looked (not where a lesion is)"></canvas>
+  <div id="ondevice-summary"></div>
+  <table id="ondevice-results" hidden>
+    <thead><tr><th>file</th><th>probability of pneumonia</th><th>result</th><th>note</th></tr></thead>
+    <tbody></tbody>
+  </table>
+  <p id="ondevice-timing" style="color:#666"></p>
+  <noscript>On-device screening needs JavaScript: use the “On the server” page instead.</noscript>
+</div>
+"""
+
+# Runs once the HTML component is on the page (Gradio's js_on_load, with `element` the component).
+MOUNT_JS = """
+const root = ((window.gradio_config && window.gradio_config.root) || window.location.origin).replace(/\\/+$/, "");
+const base = root + "%(prefix)s/";
+import(base + "ondevice.js").then((module) => module.mount(element, base)).catch((error) => {
+  const line = element.querySelector("#ondevice-status");
+  const text = "The on-device page could not start (" + ((error && error.message) || error) +
+    "): use the “%(main)s” page instead.";
+  if (line) line.textContent = text;
+  window.pneumoniaOnDevice = { status: "failed", message: text };
+});
+"""
+
+_ROUTES: weakref.WeakKeyDictionary[gr.Blocks, list[BaseRoute]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class PageSettings:
+    max_file_bytes: int = pixels.MAX_FILE_BYTES
+    max_files: int = DEFAULT_MAX_FILES
+    overlay_max_side: int = DEFAULT_OVERLAY_MAX_SIDE
+
+
+def add_page(demo: gr.Blocks, service: Any, max_file_bytes: int = pixels.MAX_FILE_BYTES,
+             max_files: int = DEFAULT_MAX_FILES, overlay_max_side: int = DEFAULT_OVERLAY_MAX_SIDE) -> None:
+    """Add the "On this device" page to `demo` (call after its `with gr.Blocks()` block) and remember the
+    routes it needs, which `launch_options(demo)` hands to `launch`. `service` is the app's ModelService:
+    anything with `.ready`, `.predictor` (whose `.artefact` was loaded from a file) and `.problem`."""
+    settings = PageSettings(max_file_bytes, max_files, overlay_max_side)
+    with demo:
+        gr.Navbar(main_page_name=MAIN_PAGE_NAME)
+    with demo.route(PAGE_NAME, PAGE_PATH):
+        gr.Navbar(main_page_name=MAIN_PAGE_NAME)  # one per page
+        gr.Markdown(INTRO)
+        gr.HTML(PAGE_HTML, js_on_load=MOUNT_JS % {"prefix": PREFIX, "main": MAIN_PAGE_NAME},
+                elem_id="ondevice-page", apply_default_css=True)
+        gr.Markdown(FOOTNOTE)
+    _ROUTES[demo] = routes(service, settings)
+
+
+def launch_options(demo: gr.Blocks) -> dict[str, Any]:
+    """Keyword arguments for `demo.launch(...)` that add the on-device routes ({} without the page)."""
+    found = _ROUTES.get(demo)
+    return {"app_kwargs": {"routes": list(found)}} if found else {}
+
+
+def assets_built() -> bool:
+    """Whether `make web` has put the runtime files in serving/web/vendor/."""
+    return all((VENDOR_DIR / name).is_file() for name in VENDOR_FILES)
+
+
+def asset_paths() -> dict[str, Path]:
+    """Every file the asset route may serve, by the name in its URL."""
+    return {**{name: WEB_DIR / name for name in MODULES}, **{name: VENDOR_DIR / name for name in VENDOR_FILES}}
+
+
+def runtime_versions() -> dict[str, str]:
+    """The pinned npm packages (serving/web/package.json), for the page and the docs."""
+    try:
+        return dict(json.loads((WEB_DIR / "package.json").read_text())["dependencies"])
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def overlay_palette() -> list[int]:
+    """The server's jet colour table (serving.overlay), 256 RGB triples, as the page draws them."""
+    levels = overlay.colourise(np.arange(256, dtype=np.float32) / 255.0)
+    return np.round(levels).astype(np.uint8).ravel().tolist()
+
+
+class ServedModel:
+    """The artefact file's bytes, read once for the artefact the service loaded, with their digest."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._artefact: Any = None
+        self._bytes = b""
+        self._sha256 = ""
+
+    def get(self, artefact: Any) -> tuple[bytes, str]:
+        with self._lock:
+            if artefact is not self._artefact:
+                source = Path(getattr(artefact, "source", "") or "")
+                if not source.is_file():
+                    raise ModelNotServable("the served model was not loaded from a file, so it cannot be sent "
+                                           "to the browser")
+                data = source.read_bytes()
+                if len(data) != getattr(artefact, "size_bytes", len(data)):
+                    raise ModelNotServable("the model file changed after the server loaded it: restart the app")
+                self._artefact, self._bytes, self._sha256 = artefact, data, hashlib.sha256(data).hexdigest()
+            return self._bytes, self._sha256
+
+
+class ModelNotServable(RuntimeError):
+    """The page cannot get the model: a one-line reason."""
+
+
+def page_config(service: Any, settings: PageSettings, served: ServedModel) -> dict[str, Any]:
+    """What the page needs to decide as the server does. Raises ModelNotServable."""
+    if not assets_built():
+        raise ModelNotServable("the on-device runtime is not built on this server (run `make web`)")
+    if not service.ready:
+        raise ModelNotServable(f"no model is loaded on the server: {service.problem}")
+    artefact = service.predictor.artefact
+    data, digest = served.get(artefact)
+    return {
+        "decision": json.loads(artefact.decision.to_json()),
+        "model": {"url": f"model.onnx?v={digest[:16]}", "bytes": len(data), "sha256": digest},
+        "tensors": {"input": INPUT_NAME, "probability": PROBABILITY_OUTPUT, "cam": CAM_OUTPUT, "ood": OOD_OUTPUT},
+        "limits": {"max_file_bytes": settings.max_file_bytes, "max_pixels": pixels.MAX_PIXELS,
+                   "min_side": pixels.MIN_SIDE, "max_files": settings.max_files},
+        "checks": {"max_aspect": checks.MAX_ASPECT, "min_pixel_std": checks.MIN_PIXEL_STD,
+                   "colour_spread_limit": checks.COLOUR_SPREAD_LIMIT, "colour_probe_size": checks.COLOUR_PROBE_SIZE},
+        "overlay": {"alpha": overlay.OVERLAY_ALPHA, "max_side": settings.overlay_max_side,
+                    "palette": overlay_palette()},
+        "runtime": {"ort": ORT_MODULE, "dicom_parser": DICOM_PARSER, "versions": runtime_versions()},
+    }
+
+
+def routes(service: Any, settings: PageSettings | None = None) -> list[BaseRoute]:
+    """The page's routes, under PREFIX: config.json, model.onnx and the fixed list of assets."""
+    settings = settings or PageSettings()
+    served = ServedModel()
+    files = asset_paths()
+
+    def config(request: Request) -> Response:
+        try:
+            return JSONResponse(page_config(service, settings, served), headers=NO_STORE)
+        except ModelNotServable as error:
+            return JSONResponse({"error": str(error)}, status_code=503, headers=NO_STORE)
+        except Exception:  # a broken store must not take the page down: say so in one line
+            log.exception("the on-device page's configuration failed")
+            return JSONResponse({"error": "the server could not prepare the model for this page"},
+                                status_code=503, headers=NO_STORE)
+
+    def model(request: Request) -> Response:
+        try:
+            if not service.ready:
+                raise ModelNotServable(f"no model is loaded on the server: {service.problem}")
+            data, digest = served.get(service.predictor.artefact)
+        except ModelNotServable as error:
+            return JSONResponse({"error": str(error)}, status_code=503, headers=NO_STORE)
+        etag = f'"{digest}"'
+        headers = {**REVALIDATE, "ETag": etag}
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
+    def asset(request: Request) -> Response:
+        path = files.get(request.path_params["name"])
+        if path is None or not path.is_file():
+            return Response("Not Found", status_code=404, media_type="text/plain")
+        stat = path.stat()
+        etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+        headers = {**REVALIDATE, "ETag": etag}
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=headers)
+
+    return [
+        Route(f"{PREFIX}/config.json", config, methods=["GET"]),
+        Route(f"{PREFIX}/model.onnx", model, methods=["GET"]),
+        Route(f"{PREFIX}/{{name}}", asset, methods=["GET"]),
+    ]

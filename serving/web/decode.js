@@ -1,0 +1,329 @@
+// File bytes -> 8-bit greyscale, in the page, as serving.imaging.decode_greyscale does on the server.
+//
+// - DICOM (bytes "DICM" at offset 128, checked first, as on the server): dicom.js.
+// - PNG and JPEG: the browser's own decoders (createImageBitmap, EXIF orientation applied, no colour
+//   management), transparent areas composed on black, then Pillow's RGB -> L. A 16-bit greyscale PNG is
+//   decoded here instead (the browser would round it to 8 bits first): inflate, unfilter, min..max stretch,
+//   as Pillow's "I;16" path does.
+// - Before any pixel is decoded, the headers are read for the checks the server makes first: the size
+//   limits, several frames (APNG), a truncated stream, and PNG text chunks that inflate past Pillow's limit.
+// - TIFF, BMP, GIF and WebP, which the server also accepts, are refused here with a pointer to the server.
+//
+// Everything except `decodeWithBrowser` runs in Node as well (the tests use that).
+
+import { ImageDecodeError, rgbaToGrey, stretchToUint8, thumbnailColourSpread } from "./imaging.js";
+import { decodeDicom } from "./dicom.js";
+
+export const DICOM_MAGIC_OFFSET = 128;
+const PNG_SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
+// Pillow's limit on one decompressed text chunk (PngImagePlugin.MAX_TEXT_CHUNK = ImageFile.SAFEBLOCK).
+const MAX_TEXT_CHUNK = 1024 * 1024;
+const SERVER_ONLY = { TIFF: "TIFF", BMP: "BMP", GIF: "GIF", WEBP: "WebP" };
+
+function startsWith(bytes, prefix, offset = 0) {
+  if (bytes.length < offset + prefix.length) return false;
+  for (let i = 0; i < prefix.length; i++) if (bytes[offset + i] !== prefix[i]) return false;
+  return true;
+}
+
+const ascii = (text) => Array.from(text, (c) => c.charCodeAt(0));
+
+/** Which decoder a file goes to, from its first bytes (never its name): the server's order. */
+export function sniff(bytes) {
+  if (startsWith(bytes, ascii("DICM"), DICOM_MAGIC_OFFSET)) return "DICOM";
+  if (startsWith(bytes, PNG_SIGNATURE)) return "PNG";
+  if (startsWith(bytes, [0xff, 0xd8, 0xff])) return "JPEG";
+  if (startsWith(bytes, ascii("II*\0")) || startsWith(bytes, ascii("MM\0*")) ||
+      startsWith(bytes, ascii("II+\0")) || startsWith(bytes, ascii("MM\0+"))) return "TIFF";
+  if (startsWith(bytes, ascii("BM"))) return "BMP";
+  if (startsWith(bytes, ascii("GIF87a")) || startsWith(bytes, ascii("GIF89a"))) return "GIF";
+  if (startsWith(bytes, ascii("RIFF")) && startsWith(bytes, ascii("WEBP"), 8)) return "WEBP";
+  return null;
+}
+
+function formatBytes(count) {
+  for (const [unit, scale] of [["MB", 1e6], ["kB", 1e3]]) {
+    if (count >= scale) return `${formatG3(count / scale)} ${unit}`;
+  }
+  return `${count} bytes`;
+}
+
+function formatG3(value) {
+  // Python's "{:.3g}" for the positive numbers formatBytes gives it.
+  const [mantissa, exponentText] = value.toExponential(2).split("e");
+  const exponent = Number(exponentText);
+  const strip = (t) => (t.includes(".") ? t.replace(/0+$/, "").replace(/\.$/, "") : t);
+  if (exponent < 3) return strip(value.toFixed(Math.max(0, 2 - exponent)));
+  return `${strip(mantissa)}e+${String(exponent).padStart(2, "0")}`;
+}
+
+const thousands = (n) => n.toLocaleString("en-US");
+
+/** serving.imaging._check_size. */
+export function checkSize(size, maxBytes) {
+  if (size === 0) throw new ImageDecodeError("empty file (0 bytes)");
+  if (size > maxBytes) {
+    let actual = formatBytes(size);
+    let limit = formatBytes(maxBytes);
+    if (actual === limit) {
+      actual = `${thousands(size)} bytes`;
+      limit = `${thousands(maxBytes)}-byte`;
+    }
+    throw new ImageDecodeError(`file is ${actual}, over the ${limit} limit`);
+  }
+}
+
+/** serving.imaging._check_dimensions. */
+export function checkDimensions(width, height, limits) {
+  if (width * height > limits.max_pixels) {
+    throw new ImageDecodeError(`image is ${width} x ${height} pixels, over the ` +
+      `${Math.round(limits.max_pixels / 1e6)} megapixel limit`);
+  }
+  if (Math.min(width, height) < limits.min_side) {
+    throw new ImageDecodeError(`image is ${width} x ${height} pixels, too small to be an X-ray`);
+  }
+}
+
+const truncated = () => new ImageDecodeError("corrupt or truncated image: image file is truncated");
+const u32 = (b, o) => ((b[o] << 24) | (b[o + 1] << 16) | (b[o + 2] << 8) | b[o + 3]) >>> 0;
+
+/** Inflate a zlib stream with the platform's DecompressionStream, refusing output past `limit` bytes. */
+export async function inflate(data, limit) {
+  const stream = new Blob([data]).stream().pipeThrough(new DecompressionStream("deflate"));
+  const reader = stream.getReader();
+  const parts = [];
+  let total = 0;
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      total += value.length;
+      if (total > limit) {
+        await reader.cancel();
+        return null;
+      }
+      parts.push(value);
+    }
+  } catch (error) {
+    // A stream cut short still yields what it had; anything else is corrupt.
+    if (parts.length === 0) throw new ImageDecodeError(`corrupt or truncated image: ${error.message || error}`);
+  }
+  const out = new Uint8Array(total);
+  let offset = 0;
+  for (const part of parts) {
+    out.set(part, offset);
+    offset += part.length;
+  }
+  return out;
+}
+
+/** The PNG's chunks up to IEND (none read past it), checked as Pillow checks them while opening. */
+export async function readPng(bytes) {
+  let offset = 8;
+  let header = null;
+  let frames = 1;
+  const idat = [];
+  let ended = false;
+  while (offset + 8 <= bytes.length) {
+    const length = u32(bytes, offset);
+    const type = String.fromCharCode(...bytes.subarray(offset + 4, offset + 8));
+    const body = offset + 8;
+    if (body + length + 4 > bytes.length) break;  // cut short: no CRC, or no room for the body
+    const data = bytes.subarray(body, body + length);
+    if (type === "IHDR" && length >= 13) {
+      header = { width: u32(data, 0), height: u32(data, 4), bitDepth: data[8], colourType: data[9], interlace: data[12] };
+    } else if (type === "acTL" && length >= 8) {
+      frames = u32(data, 0);
+    } else if (type === "IDAT") {
+      idat.push(data);
+    } else if (type === "zTXt" || type === "iTXt") {
+      const keywordEnd = data.indexOf(0);
+      let compressed = null;
+      if (type === "zTXt" && keywordEnd >= 0) compressed = data.subarray(keywordEnd + 2);
+      if (type === "iTXt" && keywordEnd >= 0 && data[keywordEnd + 1] === 1) {
+        // keyword \0 flag method language \0 translated keyword \0 text
+        let at = data.indexOf(0, keywordEnd + 3);
+        if (at >= 0) at = data.indexOf(0, at + 1);
+        if (at >= 0) compressed = data.subarray(at + 1);
+      }
+      if (compressed && (await inflate(compressed, MAX_TEXT_CHUNK)) === null) {
+        throw new ImageDecodeError("corrupt or truncated image: Decompressed Data Too Large");
+      }
+    } else if (type === "IEND") {
+      ended = true;
+      break;
+    }
+    offset = body + length + 4;
+  }
+  if (!header) throw new ImageDecodeError("not a recognised image (expected PNG, JPEG or DICOM)");
+  return { ...header, frames, idat, ended };
+}
+
+/** The JPEG's frame size (from its SOF marker) and whether its stream is complete (an EOI after the scan). */
+export function readJpeg(bytes) {
+  let offset = 2;
+  let size = null;
+  while (offset + 4 <= bytes.length) {
+    if (bytes[offset] !== 0xff) {
+      offset += 1;
+      continue;
+    }
+    const marker = bytes[offset + 1];
+    if (marker === 0xff || (marker >= 0xd0 && marker <= 0xd7) || marker === 0x01) {
+      offset += marker === 0xff ? 1 : 2;
+      continue;
+    }
+    const length = (bytes[offset + 2] << 8) | bytes[offset + 3];
+    const isFrame = marker >= 0xc0 && marker <= 0xcf && ![0xc4, 0xc8, 0xcc].includes(marker);
+    if (isFrame && offset + 9 <= bytes.length && size === null) {
+      size = { height: (bytes[offset + 5] << 8) | bytes[offset + 6], width: (bytes[offset + 7] << 8) | bytes[offset + 8] };
+    }
+    if (marker === 0xda) {  // start of scan: the entropy-coded data follows; a complete stream ends in EOI
+      let complete = false;
+      for (let i = offset + 2 + length; i + 1 < bytes.length; i++) {
+        if (bytes[i] === 0xff && bytes[i + 1] === 0xd9) {
+          complete = true;
+          break;
+        }
+      }
+      return { size, complete };
+    }
+    offset += 2 + length;
+  }
+  return { size, complete: false };
+}
+
+function paeth(a, b, c) {
+  const p = a + b - c;
+  const pa = Math.abs(p - a), pb = Math.abs(p - b), pc = Math.abs(p - c);
+  return pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
+}
+
+/** PNG row filters undone in place, for `rows` rows of `rowBytes` bytes at `bpp` bytes a pixel. */
+function unfilter(raw, offset, rows, rowBytes, bpp, out) {
+  let previous = null;
+  for (let y = 0; y < rows; y++) {
+    const filter = raw[offset + y * (rowBytes + 1)];
+    const start = offset + y * (rowBytes + 1) + 1;
+    const row = out.subarray(y * rowBytes, (y + 1) * rowBytes);
+    for (let x = 0; x < rowBytes; x++) {
+      const value = raw[start + x];
+      const left = x >= bpp ? row[x - bpp] : 0;
+      const up = previous ? previous[x] : 0;
+      const upLeft = previous && x >= bpp ? previous[x - bpp] : 0;
+      let decoded;
+      if (filter === 0) decoded = value;
+      else if (filter === 1) decoded = value + left;
+      else if (filter === 2) decoded = value + up;
+      else if (filter === 3) decoded = value + ((left + up) >> 1);
+      else if (filter === 4) decoded = value + paeth(left, up, upLeft);
+      else throw new ImageDecodeError(`corrupt or truncated image: unknown PNG filter type ${filter}`);
+      row[x] = decoded & 0xff;
+    }
+    previous = row;
+  }
+}
+
+const ADAM7 = [[0, 0, 8, 8], [4, 0, 8, 8], [0, 4, 4, 8], [2, 0, 4, 4], [0, 2, 2, 4], [1, 0, 2, 2], [0, 1, 1, 2]];
+
+/** A 16-bit greyscale PNG (Pillow's mode "I;16"): its samples, stretched min..max to 0..255. */
+export async function decodePng16Grey(png) {
+  const { width, height, interlace } = png;
+  let length = 0;
+  for (const part of png.idat) length += part.length;
+  const compressed = new Uint8Array(length);
+  let at = 0;
+  for (const part of png.idat) {
+    compressed.set(part, at);
+    at += part.length;
+  }
+  const expected = interlace ? ADAM7.reduce((sum, [x0, y0, dx, dy]) => {
+    const w = Math.ceil((width - x0) / dx), h = Math.ceil((height - y0) / dy);
+    return sum + (w > 0 && h > 0 ? h * (1 + 2 * w) : 0);
+  }, 0) : height * (1 + 2 * width);
+  const raw = await inflate(compressed, expected);
+  if (raw === null || raw.length < expected) throw truncated();
+  const values = new Float64Array(width * height);
+  const passes = interlace ? ADAM7 : [[0, 0, 1, 1]];
+  let offset = 0;
+  for (const [x0, y0, dx, dy] of passes) {
+    const w = Math.ceil((width - x0) / dx), h = Math.ceil((height - y0) / dy);
+    if (w <= 0 || h <= 0) continue;
+    const rows = new Uint8Array(h * w * 2);
+    unfilter(raw, offset, h, w * 2, 2, rows);
+    offset += h * (1 + 2 * w);
+    for (let y = 0; y < h; y++) {
+      for (let x = 0; x < w; x++) {
+        const i = (y * w + x) * 2;
+        values[(y0 + y * dy) * width + x0 + x * dx] = (rows[i] << 8) | rows[i + 1];
+      }
+    }
+  }
+  return stretchToUint8(values);
+}
+
+/** PNG or JPEG bytes through the browser's decoder: RGBA composed on black, EXIF orientation applied. */
+export async function decodeWithBrowser(bytes, type) {
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(new Blob([bytes], { type }),
+      { colorSpaceConversion: "none", premultiplyAlpha: "none", imageOrientation: "from-image" });
+  } catch (error) {
+    throw new ImageDecodeError("corrupt or truncated image: the browser could not decode it");
+  }
+  const { width, height } = bitmap;
+  const canvas = new OffscreenCanvas(width, height);
+  const context = canvas.getContext("2d", { willReadFrequently: true, alpha: false });
+  context.fillStyle = "#000";  // X-rays are bright on black: transparent areas become black, as on the server
+  context.fillRect(0, 0, width, height);
+  context.drawImage(bitmap, 0, 0);
+  bitmap.close();
+  const rgba = context.getImageData(0, 0, width, height).data;
+  return { rgba, width, height };
+}
+
+/**
+ * Decode a file's bytes to {grey, width, height, spread} (spread: the colour statistic for the checks,
+ * null for DICOM), or throw ImageDecodeError with the message the server would give (or one that says
+ * this file needs the server). `env` = {limits, checks, dicomParser, browserDecode}.
+ */
+export async function decodeGreyscale(bytes, env) {
+  const { limits, checks } = env;
+  checkSize(bytes.length, limits.max_file_bytes);
+  const format = sniff(bytes);
+  let decoded;
+  if (format === "DICOM") {
+    decoded = { ...decodeDicom(bytes, env.dicomParser, limits), spread: null };
+  } else if (format === "PNG") {
+    const png = await readPng(bytes);
+    checkDimensions(png.width, png.height, limits);
+    if (png.frames > 1) throw new ImageDecodeError(`PNG with ${png.frames} frames: upload a single still image`);
+    if (!png.ended) throw truncated();
+    if (png.bitDepth === 16 && png.colourType === 0) {
+      decoded = { grey: await decodePng16Grey(png), width: png.width, height: png.height, spread: 0 };
+    } else {
+      decoded = fromRgba(await env.browserDecode(bytes, "image/png"), checks);
+    }
+  } else if (format === "JPEG") {
+    const jpeg = readJpeg(bytes);
+    if (jpeg.size) checkDimensions(jpeg.size.width, jpeg.size.height, limits);
+    if (!jpeg.complete) throw truncated();
+    decoded = fromRgba(await env.browserDecode(bytes, "image/jpeg"), checks);
+  } else if (format in SERVER_ONLY) {
+    throw new ImageDecodeError(`${SERVER_ONLY[format]} files are not decoded on this device (PNG, JPEG or DICOM ` +
+      "only): use the “On the server” page, or convert to PNG");
+  } else {
+    throw new ImageDecodeError("not a recognised image (expected PNG, JPEG or DICOM)");
+  }
+  checkDimensions(decoded.width, decoded.height, limits);
+  return decoded;
+}
+
+function fromRgba({ rgba, width, height }, checks) {
+  return {
+    grey: rgbaToGrey(rgba),
+    width,
+    height,
+    spread: thumbnailColourSpread(rgba, width, height, checks.colour_probe_size),
+  };
+}
