@@ -31,6 +31,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+from PIL import Image
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -205,10 +206,12 @@ def page_config(service: Any, settings: PageSettings, served: ServedModel) -> di
     data, digest = served.get(artefact)
     return {
         "decision": json.loads(artefact.decision.to_json()),
-        "model": {"url": f"model.onnx?v={digest[:16]}", "bytes": len(data), "sha256": digest},
+        "model": {"url": "model.onnx", "bytes": len(data), "sha256": digest},
         "tensors": {"input": INPUT_NAME, "probability": PROBABILITY_OUTPUT, "cam": CAM_OUTPUT, "ood": OOD_OUTPUT},
         "limits": {"max_file_bytes": settings.max_file_bytes, "max_pixels": pixels.MAX_PIXELS,
-                   "min_side": pixels.MIN_SIDE, "max_files": settings.max_files},
+                   "min_side": pixels.MIN_SIDE, "max_files": settings.max_files,
+                   # Past this, Pillow refuses a file as a decompression bomb as it opens it (its own message).
+                   "bomb_pixels": 2 * Image.MAX_IMAGE_PIXELS},
         "checks": {"max_aspect": checks.MAX_ASPECT, "min_pixel_std": checks.MIN_PIXEL_STD,
                    "colour_spread_limit": checks.COLOUR_SPREAD_LIMIT, "colour_probe_size": checks.COLOUR_PROBE_SIZE},
         "overlay": {"alpha": overlay.OVERLAY_ALPHA, "max_side": settings.overlay_max_side,

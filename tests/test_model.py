@@ -130,7 +130,23 @@ def logged_metrics(monkeypatch) -> list[tuple[dict, int]]:
 
     logged: list[tuple[dict, int]] = []
     monkeypatch.setattr(mlflow, "log_metrics", lambda metrics, step=None, **_: logged.append((metrics, step)))
+    monkeypatch.setattr(mlflow, "active_run", lambda: "a run")  # as inside the train stage's run
     return logged
+
+
+def test_outside_a_run_nothing_is_logged(monkeypatch):
+    """`fit` outside an MLflow run (a test, a notebook) must not start a run in some default store."""
+    import mlflow
+
+    from pipeline.train import EpochLogger
+
+    logged = []
+    monkeypatch.setattr(mlflow, "log_metrics", lambda *args, **kwargs: logged.append(args))
+    monkeypatch.setattr(mlflow, "active_run", lambda: None)
+    epoch_logger = EpochLogger(10)
+    epoch_logger.on_epoch_begin(0)
+    epoch_logger.on_epoch_end(0, {"loss": 0.5})
+    assert logged == [] and epoch_logger.rows[0]["loss"] == 0.5
 
 
 def train_briefly(train: Split, val: Split, checkpoint, epochs: int):

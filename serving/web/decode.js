@@ -2,9 +2,9 @@
 //
 // - DICOM (bytes "DICM" at offset 128, checked first, as on the server): dicom.js.
 // - PNG and JPEG: the browser's own decoders (createImageBitmap, EXIF orientation applied, no colour
-//   management), transparent areas composed on black, then Pillow's RGB -> L. A 16-bit greyscale PNG is
-//   decoded here instead (the browser would round it to 8 bits first): inflate, unfilter, min..max stretch,
-//   as Pillow's "I;16" path does.
+//   management), transparent areas composed on black, then Pillow's RGB -> L. An 8- or 16-bit greyscale
+//   PNG is decoded here instead: the browser would round 16 bits to 8 before the min..max stretch Pillow's
+//   "I;16" path makes, and would make a tRNS grey level black where the server ignores it.
 // - Before any pixel is decoded, the headers are read for the checks the server makes first: the size
 //   limits, several frames (APNG), a truncated stream, and PNG text chunks that inflate past Pillow's limit.
 // - TIFF, BMP, GIF and WebP, which the server also accepts, are refused here with a pointer to the server.
@@ -73,8 +73,11 @@ export function checkSize(size, maxBytes) {
   }
 }
 
-/** serving.imaging._check_dimensions. */
-export function checkDimensions(width, height, limits) {
+/** serving.imaging._check_dimensions; with `opening`, first Pillow's own refusal of a huge header. */
+export function checkDimensions(width, height, limits, opening = false) {
+  if (opening && limits.bomb_pixels && width * height > limits.bomb_pixels) {
+    throw new ImageDecodeError(`image dimensions are over the ${Math.round(limits.max_pixels / 1e6)} megapixel limit`);
+  }
   if (width * height > limits.max_pixels) {
     throw new ImageDecodeError(`image is ${width} x ${height} pixels, over the ` +
       `${Math.round(limits.max_pixels / 1e6)} megapixel limit`);
@@ -122,6 +125,7 @@ export async function readPng(bytes) {
   let offset = 8;
   let header = null;
   let frames = 1;
+  let orientation = 1;
   const idat = [];
   let ended = false;
   while (offset + 8 <= bytes.length) {
@@ -136,6 +140,8 @@ export async function readPng(bytes) {
       frames = u32(data, 0);
     } else if (type === "IDAT") {
       idat.push(data);
+    } else if (type === "eXIf") {
+      orientation = exifOrientation(data);
     } else if (type === "zTXt" || type === "iTXt") {
       const keywordEnd = data.indexOf(0);
       let compressed = null;
@@ -147,7 +153,8 @@ export async function readPng(bytes) {
         if (at >= 0) compressed = data.subarray(at + 1);
       }
       if (compressed && (await inflate(compressed, MAX_TEXT_CHUNK)) === null) {
-        throw new ImageDecodeError("corrupt or truncated image: Decompressed Data Too Large");
+        throw new ImageDecodeError(
+          "corrupt or truncated image: Decompressed data too large for PngImagePlugin.MAX_TEXT_CHUNK");
       }
     } else if (type === "IEND") {
       ended = true;
@@ -156,7 +163,53 @@ export async function readPng(bytes) {
     offset = body + length + 4;
   }
   if (!header) throw new ImageDecodeError("not a recognised image (expected PNG, JPEG or DICOM)");
-  return { ...header, frames, idat, ended };
+  return { ...header, frames, idat, ended, orientation };
+}
+
+/** The EXIF Orientation tag (0x0112) of a TIFF-structured EXIF block, or 1. */
+export function exifOrientation(data) {
+  let base = 0;
+  if (startsWith(data, ascii("Exif\0\0"))) base = 6;
+  const little = startsWith(data, ascii("II"), base);
+  if (!little && !startsWith(data, ascii("MM"), base)) return 1;
+  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  try {
+    const ifd = base + view.getUint32(base + 4, little);
+    const count = view.getUint16(ifd, little);
+    for (let i = 0; i < count; i++) {
+      const entry = ifd + 2 + i * 12;
+      if (view.getUint16(entry, little) === 0x0112) return view.getUint16(entry + 8, little);
+    }
+  } catch {
+    return 1;  // a short or broken block: no orientation, as Pillow reads it
+  }
+  return 1;
+}
+
+/** Pillow's ImageOps.exif_transpose on a greyscale array: orientations 2 to 8 (others leave it as it is). */
+export function orient(grey, width, height, orientation) {
+  if (!(orientation >= 2 && orientation <= 8)) return { grey, width, height };
+  const swap = orientation >= 5;
+  const outWidth = swap ? height : width;
+  const outHeight = swap ? width : height;
+  const out = new Uint8Array(grey.length);
+  // For each output (x, y): the source column and row.
+  const source = {
+    2: (x, y) => [width - 1 - x, y],              // FLIP_LEFT_RIGHT
+    3: (x, y) => [width - 1 - x, height - 1 - y], // ROTATE_180
+    4: (x, y) => [x, height - 1 - y],             // FLIP_TOP_BOTTOM
+    5: (x, y) => [y, x],                          // TRANSPOSE
+    6: (x, y) => [y, height - 1 - x],             // ROTATE_270
+    7: (x, y) => [width - 1 - y, height - 1 - x], // TRANSVERSE
+    8: (x, y) => [width - 1 - y, x],              // ROTATE_90
+  }[orientation];
+  for (let y = 0; y < outHeight; y++) {
+    for (let x = 0; x < outWidth; x++) {
+      const [sx, sy] = source(x, y);
+      out[y * outWidth + x] = grey[sy * width + sx];
+    }
+  }
+  return { grey: out, width: outWidth, height: outHeight };
 }
 
 /** The JPEG's frame size (from its SOF marker) and whether its stream is complete (an EOI after the scan). */
@@ -226,9 +279,13 @@ function unfilter(raw, offset, rows, rowBytes, bpp, out) {
 
 const ADAM7 = [[0, 0, 8, 8], [4, 0, 8, 8], [0, 4, 4, 8], [2, 0, 4, 4], [0, 2, 2, 4], [1, 0, 2, 2], [0, 1, 1, 2]];
 
-/** A 16-bit greyscale PNG (Pillow's mode "I;16"): its samples, stretched min..max to 0..255. */
-export async function decodePng16Grey(png) {
-  const { width, height, interlace } = png;
+/**
+ * An 8- or 16-bit greyscale PNG, decoded here (inflate, unfilter, Adam7): as Pillow reads it, mode "L"
+ * as it is (a tRNS colour ignored, as the server ignores it), mode "I;16" stretched min..max to 0..255.
+ */
+export async function decodePngGrey(png) {
+  const { width, height, interlace, bitDepth } = png;
+  const bytesPer = bitDepth / 8;
   let length = 0;
   for (const part of png.idat) length += part.length;
   const compressed = new Uint8Array(length);
@@ -237,29 +294,28 @@ export async function decodePng16Grey(png) {
     compressed.set(part, at);
     at += part.length;
   }
-  const expected = interlace ? ADAM7.reduce((sum, [x0, y0, dx, dy]) => {
-    const w = Math.ceil((width - x0) / dx), h = Math.ceil((height - y0) / dy);
-    return sum + (w > 0 && h > 0 ? h * (1 + 2 * w) : 0);
-  }, 0) : height * (1 + 2 * width);
+  const passes = interlace ? ADAM7 : [[0, 0, 1, 1]];
+  const sizes = passes.map(([x0, y0, dx, dy]) => [Math.max(0, Math.ceil((width - x0) / dx)),
+    Math.max(0, Math.ceil((height - y0) / dy))]);
+  const expected = sizes.reduce((sum, [w, h]) => sum + (w > 0 && h > 0 ? h * (1 + bytesPer * w) : 0), 0);
   const raw = await inflate(compressed, expected);
   if (raw === null || raw.length < expected) throw truncated();
-  const values = new Float64Array(width * height);
-  const passes = interlace ? ADAM7 : [[0, 0, 1, 1]];
+  const values = bytesPer === 2 ? new Float64Array(width * height) : new Uint8Array(width * height);
   let offset = 0;
-  for (const [x0, y0, dx, dy] of passes) {
-    const w = Math.ceil((width - x0) / dx), h = Math.ceil((height - y0) / dy);
-    if (w <= 0 || h <= 0) continue;
-    const rows = new Uint8Array(h * w * 2);
-    unfilter(raw, offset, h, w * 2, 2, rows);
-    offset += h * (1 + 2 * w);
+  passes.forEach(([x0, y0, dx, dy], pass) => {
+    const [w, h] = sizes[pass];
+    if (w <= 0 || h <= 0) return;
+    const rows = new Uint8Array(h * w * bytesPer);
+    unfilter(raw, offset, h, w * bytesPer, bytesPer, rows);
+    offset += h * (1 + bytesPer * w);
     for (let y = 0; y < h; y++) {
       for (let x = 0; x < w; x++) {
-        const i = (y * w + x) * 2;
-        values[(y0 + y * dy) * width + x0 + x * dx] = (rows[i] << 8) | rows[i + 1];
+        const i = (y * w + x) * bytesPer;
+        values[(y0 + y * dy) * width + x0 + x * dx] = bytesPer === 2 ? (rows[i] << 8) | rows[i + 1] : rows[i];
       }
     }
-  }
-  return stretchToUint8(values);
+  });
+  return bytesPer === 2 ? stretchToUint8(values) : values;
 }
 
 /** PNG or JPEG bytes through the browser's decoder: RGBA composed on black, EXIF orientation applied. */
@@ -296,17 +352,18 @@ export async function decodeGreyscale(bytes, env) {
     decoded = { ...decodeDicom(bytes, env.dicomParser, limits), spread: null };
   } else if (format === "PNG") {
     const png = await readPng(bytes);
-    checkDimensions(png.width, png.height, limits);
+    checkDimensions(png.width, png.height, limits, true);
     if (png.frames > 1) throw new ImageDecodeError(`PNG with ${png.frames} frames: upload a single still image`);
     if (!png.ended) throw truncated();
-    if (png.bitDepth === 16 && png.colourType === 0) {
-      decoded = { grey: await decodePng16Grey(png), width: png.width, height: png.height, spread: 0 };
+    if ((png.bitDepth === 8 || png.bitDepth === 16) && png.colourType === 0) {
+      const oriented = orient(await decodePngGrey(png), png.width, png.height, png.orientation);
+      decoded = { ...oriented, spread: 0 };
     } else {
       decoded = fromRgba(await env.browserDecode(bytes, "image/png"), checks);
     }
   } else if (format === "JPEG") {
     const jpeg = readJpeg(bytes);
-    if (jpeg.size) checkDimensions(jpeg.size.width, jpeg.size.height, limits);
+    if (jpeg.size) checkDimensions(jpeg.size.width, jpeg.size.height, limits, true);
     if (!jpeg.complete) throw truncated();
     decoded = fromRgba(await env.browserDecode(bytes, "image/jpeg"), checks);
   } else if (format in SERVER_ONLY) {
@@ -319,11 +376,17 @@ export async function decodeGreyscale(bytes, env) {
   return decoded;
 }
 
+function isGrey(rgba) {
+  for (let j = 0; j < rgba.length; j += 4) if (rgba[j] !== rgba[j + 1] || rgba[j] !== rgba[j + 2]) return false;
+  return true;
+}
+
 function fromRgba({ rgba, width, height }, checks) {
   return {
     grey: rgbaToGrey(rgba),
     width,
     height,
-    spread: thumbnailColourSpread(rgba, width, height, checks.colour_probe_size),
+    // Equal channels give a spread of 0 on the server too (a greyscale mode, or a thumbnail of grey RGB).
+    spread: isGrey(rgba) ? 0 : thumbnailColourSpread(rgba, width, height, checks.colour_probe_size),
   };
 }

@@ -28,16 +28,30 @@ export function roundHalfEven(value) {
   return floor % 2 === 0 ? floor : floor + 1;
 }
 
-function bilinearFilter(x) {
-  const distance = x < 0 ? -x : x;
-  return distance < 1 ? 1 - distance : 0;
-}
+const BILINEAR = {
+  support: 1.0,
+  filter(x) {
+    const distance = x < 0 ? -x : x;
+    return distance < 1 ? 1 - distance : 0;
+  },
+};
 
-/** Resample.c precompute_coeffs for the BILINEAR filter over the whole input (box = 0..inSize). */
-function precomputeCoeffs(inSize, outSize) {
+const BICUBIC = {
+  support: 2.0,
+  filter(x) {
+    const a = -0.5;
+    const d = x < 0 ? -x : x;
+    if (d < 1.0) return ((a + 2.0) * d - (a + 3.0)) * d * d + 1;
+    if (d < 2.0) return (((d - 5) * d + 8) * d - 4) * a;
+    return 0.0;
+  },
+};
+
+/** Resample.c precompute_coeffs over the whole input (box = 0..inSize). */
+function precomputeCoeffs(inSize, outSize, kernel = BILINEAR) {
   const scale = inSize / outSize;
   const filterscale = scale < 1 ? 1 : scale;
-  const support = 1.0 * filterscale;
+  const support = kernel.support * filterscale;
   const ksize = Math.ceil(support) * 2 + 1;
   const kk = new Float64Array(outSize * ksize);
   const bounds = new Int32Array(outSize * 2);
@@ -52,7 +66,7 @@ function precomputeCoeffs(inSize, outSize) {
     const base = xx * ksize;
     let ww = 0.0;
     for (let x = 0; x < xmax; x++) {
-      const w = bilinearFilter((x + xmin - center + 0.5) * ss);
+      const w = kernel.filter((x + xmin - center + 0.5) * ss);
       kk[base + x] = w;
       ww += w;
     }
@@ -80,18 +94,18 @@ function clip8(sum) {
   return value < 0 ? 0 : value > 255 ? 255 : value;
 }
 
-function resample(src, width, height, outWidth, outHeight, float) {
+function resample(src, width, height, outWidth, outHeight, float, kernel = BILINEAR) {
   const needHorizontal = outWidth !== width;
   const needVertical = outHeight !== height;
   if (!needHorizontal && !needVertical) return float ? Float32Array.from(src) : Uint8Array.from(src);
   const Out = float ? Float32Array : Uint8Array;
-  const vertical = precomputeCoeffs(height, outHeight);
+  const vertical = precomputeCoeffs(height, outHeight, kernel);
   const yFirst = vertical.bounds[0];
   const yLast = vertical.bounds[outHeight * 2 - 2] + vertical.bounds[outHeight * 2 - 1];
   let image = src;
   let imageWidth = width;
   if (needHorizontal) {
-    const horizontal = precomputeCoeffs(width, outWidth);
+    const horizontal = precomputeCoeffs(width, outWidth, kernel);
     for (let i = 0; i < outHeight; i++) vertical.bounds[i * 2] -= yFirst;
     const rows = yLast - yFirst;
     const temp = new Out(outWidth * rows);
@@ -208,8 +222,9 @@ export function thumbnailSize(width, height, limit) {
   return [x, y];
 }
 
-/** The colour statistic on a small thumbnail, as the server computes it (there: JPEG draft + bicubic;
- * here: each channel through the bilinear filter above; the two agree to a few units of 255). */
+/** The colour statistic on a small thumbnail, as the server computes it: Pillow's bicubic filter, channel
+ * by channel. (The server first shrinks a JPEG in its decoder (draft) and a large image by whole factors
+ * (reducing_gap): there the two agree to a few units of 255, not exactly.) */
 export function thumbnailColourSpread(rgba, width, height, limit) {
   const size = thumbnailSize(width, height, limit);
   if (size === null) return colourSpread(rgba);
@@ -217,7 +232,7 @@ export function thumbnailColourSpread(rgba, width, height, limit) {
   const channels = [0, 1, 2].map((c) => {
     const plane = new Uint8Array(width * height);
     for (let i = 0; i < plane.length; i++) plane[i] = rgba[i * 4 + c];
-    return resizeUint8(plane, width, height, tw, th);
+    return resample(plane, width, height, tw, th, false, BICUBIC);
   });
   const small = new Uint8Array(tw * th * 4);
   for (let i = 0; i < tw * th; i++) {

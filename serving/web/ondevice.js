@@ -177,16 +177,21 @@ export async function mount(root, base) {
     return state;
   }
   const started = performance.now();
+  state.timings.mount_at_ms = started;  // since navigation start
   let scorer;
   try {
     say("Loading the model into this browser...");
-    const config = await fetchConfig(base);
+    // All at once: the decision metadata, the model, the runtime's module and dicom-parser. The
+    // metadata's answer comes first: it says why when the server has no model or no runtime to give.
+    const pending = [fetchConfig(base), fetchBytes(`${base}model.onnx`), import(`${base}ort.wasm.min.mjs`),
+      loadClassicScript(`${base}dicomParser.min.js`)];
+    for (const promise of pending) promise.catch(() => {});  // reported below, once
+    const config = await pending[0];
+    const [modelBytes, ort, dicomParser] = await Promise.all(pending.slice(1));
+    if (modelBytes.length !== config.model.bytes) {
+      throw new Error("the model changed on the server while this page loaded it: reload the page");
+    }
     state.modelBytes = config.model.bytes;
-    const [ort, modelBytes, dicomParser] = await Promise.all([
-      import(`${base}${config.runtime.ort}`),
-      fetchBytes(`${base}${config.model.url}`),
-      loadClassicScript(`${base}${config.runtime.dicom_parser}`),
-    ]);
     state.timings.download_ms = performance.now() - started;
     ort.env.wasm.wasmPaths = base;
     ort.env.wasm.numThreads = 1;  // single-threaded: no SharedArrayBuffer or cross-origin isolation needed
@@ -206,6 +211,15 @@ export async function mount(root, base) {
   state.timings.ready_ms = performance.now() - started;
   state.scorer = scorer;
   state.score = (bytes, name = "image") => scorer.score(name, bytes).then(publicResult);
+  // The model's input as this page prepares it (for the tests that compare it with the server's).
+  state.preprocess = async (bytes) => {
+    const env = { limits: scorer.config.limits, checks: scorer.config.checks, dicomParser: scorer.dicomParser,
+      browserDecode: decodeWithBrowser };
+    const decoded = await decodeGreyscale(bytes, env);
+    const size = scorer.decision.input_size;
+    return { width: decoded.width, height: decoded.height, spread: decoded.spread, grey: Array.from(decoded.grey),
+      input: Array.from(resizeUint8(decoded.grey, decoded.width, decoded.height, size, size)) };
+  };
   input.disabled = false;
   say(`Ready: ${scorer.decision.model_name} version ${scorer.decision.model_version ?? "(unregistered)"} runs in ` +
     `this browser (${(state.modelBytes / 1e6).toFixed(1)} MB). Images stay on this device.`, "ready");
@@ -273,6 +287,7 @@ export async function mount(root, base) {
         (model.length ? ` (model ${model.map((t) => t.toFixed(0)).join(", ")} ms).` : ".");
       state.results = results.map(publicResult);
       state.timings.last_ms = elapsed;
+      state.timings.result_at_ms = performance.now();  // since navigation start
       state.status = "done";
       say("Done: the images were read and scored in this browser; nothing was uploaded.");
     } catch (error) {

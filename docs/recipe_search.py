@@ -1,0 +1,190 @@
+"""Train one recipe variant and judge it on the external set: the tool behind docs/experiments.md.
+
+    python docs/recipe_search.py NAME [--set train.KEY=VALUE ...] [--seed N] [--no-mlflow]
+
+Runs on the prepared splits of the project (`dvc repro` first, with an external set: `make repro
+DATA=... EXTERNAL=...`). It trains with the pipeline's own `train.fit` on params.yaml's recipe plus the
+overrides, exactly as the train stage would, and writes `docs/recipe-search/NAME.json`: the raw scores'
+ROC-AUC with 95% bootstrap CIs on validation, carved test and external, the external specificity at fixed
+sensitivities, and the external ROC-AUC after every epoch. The last is a diagnostic only: weights are never
+chosen on the external set (the best epoch is chosen on validation, as in the pipeline). Each run is also an
+MLflow run in the project's store (experiment `recipe-search`).
+
+    python docs/recipe_search.py --table    # the Markdown table of every result in docs/recipe-search/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+RESULTS = Path(__file__).resolve().parent / "recipe-search"
+SENSITIVITIES = (0.93, 0.95)
+RESAMPLES = 1000
+
+
+def with_overrides(params, assignments: list[str]):
+    """params (a TrainParams) with `train.a.b=value` assignments applied (values parsed as YAML)."""
+    values = asdict(params)
+    for assignment in assignments:
+        key, _, raw = assignment.partition("=")
+        parts = key.removeprefix("train.").split(".")
+        target = values
+        for part in parts[:-1]:
+            target = target[part]
+        if parts[-1] not in target:
+            raise SystemExit(f"unknown setting {key}")
+        target[parts[-1]] = yaml.safe_load(raw)
+    from pipeline.params import TrainParams
+
+    return TrainParams(**values)
+
+
+def auc_with_ci(labels: np.ndarray, scores: np.ndarray, seed: int) -> dict[str, float]:
+    from pipeline.metrics import metrics_with_ci
+
+    return metrics_with_ci(labels, scores, 0.5, RESAMPLES, seed)["roc_auc"]
+
+
+def specificity_at(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -> float:
+    """The specificity at the highest threshold that keeps `sensitivity` (an oracle operating point, for
+    ranking recipes only: the pipeline chooses its threshold by its own rule)."""
+    positives = np.sort(scores[labels == 1])
+    threshold = positives[int(np.floor((1 - sensitivity) * len(positives)))]
+    return round(float(np.mean(scores[labels == 0] < threshold)), 4)
+
+
+def external_auc_callback(external, history: list[float]):
+    import keras
+    from sklearn.metrics import roc_auc_score
+
+    pixels = external.images[..., np.newaxis].astype(np.float32)
+
+    class ExternalAuc(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            scores = self.model.predict(pixels, batch_size=64, verbose=0).reshape(-1)
+            history.append(round(float(roc_auc_score(external.labels, scores)), 4))
+
+    return ExternalAuc()
+
+
+def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool) -> dict[str, Any]:
+    import keras
+    import mlflow
+
+    from pipeline import train
+    from pipeline.arrays import load_split
+    from pipeline.params import load_params
+    from serving.runtime import ServingArtefact
+
+    params = load_params()
+    seed = params.seed if seed is None else seed
+    recipe = with_overrides(params.train, assignments)
+    splits = {name: load_split(name) for name in ("train", "val", "test", "external")}
+    history: list[float] = []
+    original_fit = keras.Model.fit
+
+    def fit_with_diagnostic(self, *args, callbacks=None, **kwargs):
+        return original_fit(self, *args, callbacks=[*(callbacks or []), external_auc_callback(splits["external"], history)],
+                            **kwargs)
+
+    train.make_deterministic(seed)
+    started = time.perf_counter()
+    keras.Model.fit = fit_with_diagnostic
+    try:
+        with tempfile.TemporaryDirectory() as scratch, _maybe_run(log_to_mlflow, name):
+            model, rows = train.fit(recipe, seed, splits["train"], splits["val"], Path(scratch) / "best.weights.h5")
+            seconds = time.perf_counter() - started
+            from pipeline.artefact import build
+            from serving.decision import Decision
+
+            crop = model.get_layer("centre_crop").height / model.input_shape[1] if recipe.crop < 1 else 1.0
+            served = ServingArtefact(build(model, Decision(0.5, "none", int(model.input_shape[1]), crop=crop)))
+            scores = {split: served.probabilities(data.images) for split, data in splits.items() if split != "train"}
+            result = {
+                "name": name, "settings": assignments, "seed": seed, "train_seconds": round(seconds),
+                "epochs": len(rows), "best_epoch": int(max(rows, key=lambda row: row["val_auc"])["epoch"]),
+                "roc_auc": {split: auc_with_ci(splits[split].labels, values, seed) for split, values in scores.items()},
+                "external_specificity_at": {str(s): specificity_at(splits["external"].labels, scores["external"], s)
+                                            for s in SENSITIVITIES},
+                "external_auc_by_epoch": history,
+                "val_auc_by_epoch": [round(row["val_auc"], 4) for row in rows],
+            }
+            if log_to_mlflow:
+                mlflow.log_params({"settings": " ".join(assignments) or "(params.yaml)", "seed": seed})
+                mlflow.log_metrics({f"{split}_roc_auc": values["value"] for split, values in result["roc_auc"].items()})
+    finally:
+        keras.Model.fit = original_fit
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return result
+
+
+class _maybe_run:
+    """An MLflow run in the project's store (experiment `recipe-search`), or nothing."""
+
+    def __init__(self, enabled: bool, name: str) -> None:
+        self.enabled, self.name = enabled, name
+
+    def __enter__(self):
+        if self.enabled:
+            import mlflow
+
+            from pipeline.registry import ensure_experiment
+
+            mlflow.start_run(experiment_id=ensure_experiment("recipe-search"), run_name=self.name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.end_run("FAILED" if exc[0] else "FINISHED")
+
+
+def table() -> str:
+    rows = [("| run | settings | epochs (best) | train time | val ROC-AUC | carved test ROC-AUC | external ROC-AUC "
+            "[95% CI] | external spec. at sens. 0.93 / 0.95 | external ROC-AUC by epoch |"),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for path in sorted(RESULTS.glob("*.json"), key=lambda p: p.stat().st_mtime):
+        result = json.loads(path.read_text())
+        auc = result["roc_auc"]
+        ext = auc["external"]
+        spec = result["external_specificity_at"]
+        rows.append(f"| {result['name']} | `{' '.join(result['settings']) or '(default)'}` | {result['epochs']} "
+                    f"({result['best_epoch']}) | {result['train_seconds'] // 60} min | {auc['val']['value']:.3f} | "
+                    f"{auc['test']['value']:.3f} | {ext['value']:.3f} [{ext['ci_low']:.3f}, {ext['ci_high']:.3f}] | "
+                    f"{spec['0.93']:.3f} / {spec['0.95']:.3f} | "
+                    f"{' '.join(f'{v:.3f}' for v in result['external_auc_by_epoch'])} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", nargs="?")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="train.KEY=VALUE")
+    parser.add_argument("--seed", type=int, default=None, help="another seed than params.yaml's")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
+    parser.add_argument("--table", action="store_true", help="print the table of results and stop")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table())
+        return 0
+    if not args.name:
+        parser.error("a NAME for the run is needed")
+    result = run(args.name, args.assignments, args.seed, not args.no_mlflow)
+    print(json.dumps({key: result[key] for key in ("name", "roc_auc", "external_specificity_at")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
