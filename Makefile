@@ -34,12 +34,14 @@ $(UV):
 # --inexact: the runtime set never removes the dev tools a `make test` installed, and vice versa.
 # Bytecode is compiled at install: where PYTHONDONTWRITEBYTECODE is set, TensorFlow would otherwise be
 # recompiled on every import (16 s instead of 6 s here).
-$(VENV)/.synced-runtime: $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --no-dev --inexact --compile-bytecode
+$(VENV)/.synced-runtime: $(UV) pyproject.toml uv.lock $(TF_CHOICE)
+	$(TF_SWITCH)
+	$(UV) sync --frozen --no-dev --inexact --compile-bytecode --extra $(TF)
 	touch $@
 
-$(VENV)/.synced-dev: $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --inexact --compile-bytecode
+$(VENV)/.synced-dev: $(UV) pyproject.toml uv.lock $(TF_CHOICE)
+	$(TF_SWITCH)
+	$(UV) sync --frozen --inexact --compile-bytecode --extra $(TF)
 	touch $@ $(VENV)/.synced-runtime
 
 # A local archive (and external set) is linked into data/sources/, which DVC tracks as a dependency:
@@ -81,10 +83,10 @@ space: setup web
 	mkdir -p space
 	python -m pipeline.export space/model
 	cp -r app.py serving examples space/
-	rm -f space/serving/pyfunc.py
+	rm -f space/serving/pyfunc.py space/serving/pyfunc_model.py
 	rm -rf space/serving/web/node_modules
 	find space/serving -name __pycache__ -prune -exec rm -rf {} +
-	cp deploy/space/README.md space/README.md
+	cp deploy/space/README.md deploy/space/.gitattributes space/
 	cd deploy/space && ../../$(UV) export --frozen --no-hashes --no-emit-project --no-header --quiet \
 		-o ../../space/requirements.txt
 
@@ -114,3 +116,50 @@ mlflow-ui: setup
 
 clean:
 	rm -rf $(VENV) $(TOOLS)
+
+# ---- Scale-out (issue #10): TensorFlow flavour, Spark and PostgreSQL extras, a shared tracking server ----
+# TensorFlow comes from one of two conflicting extras (pyproject.toml [tool.uv] conflicts): `make setup`
+# installs tensorflow-cpu; `make setup TF=gpu` installs tensorflow[and-cuda] instead (CUDA and cuDNN as
+# wheels; needs only an NVIDIA driver). The choice is remembered in .tools/tf-extra until changed again.
+TF_CHOICE := $(TOOLS)/tf-extra
+TF ?= $(shell cat $(TF_CHOICE) 2>/dev/null || echo cpu)
+ifeq ($(filter $(TF),cpu gpu),)
+$(error TF must be cpu or gpu, not '$(TF)')
+endif
+# Both flavours install the same `tensorflow` module: remove the other one before switching (Linux).
+TF_OTHER := $(if $(filter gpu,$(TF)),tensorflow-cpu,tensorflow)
+TF_SWITCH = @if [ -x $(VENV)/bin/python ] && [ "$$(uname -s)" = Linux ]; then \
+	$(UV) pip uninstall --quiet --python $(VENV)/bin/python $(TF_OTHER) 2>/dev/null || true; fi
+
+# Rewritten (so the environment is synced again) only when TF changes.
+$(TF_CHOICE): FORCE | $(UV)
+	@[ "$$(cat $@ 2>/dev/null)" = "$(TF)" ] || echo "$(TF)" > $@
+
+FORCE:
+
+# pyspark (batch scoring on Spark; needs Java 17+) and the PostgreSQL driver: `make test-all` needs both.
+setup-scale: $(VENV)/.synced-scale
+$(VENV)/.synced-scale: $(VENV)/.synced-dev
+	$(UV) sync --frozen --inexact --compile-bytecode --extra $(TF) --extra spark --extra postgres
+	touch $@
+
+# A shared MLflow tracking server on loopback: runs, the registry and (proxied) artifacts, for everyone
+# pointing MLFLOW_TRACKING_URI at it (`export MLFLOW_TRACKING_URI=http://127.0.0.1:5000`, then `make
+# repro`, `make app`...). The backend defaults to SQLite under mlflow-server/; for PostgreSQL:
+#   make setup-scale && make mlflow-server MLFLOW_BACKEND=postgresql://USER@HOST:5432/mlflow
+# Artifacts go to MLFLOW_ARTIFACTS (a folder, or s3://bucket/prefix with boto3 installed).
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_SERVER_DIR ?= mlflow-server
+MLFLOW_BACKEND ?= sqlite:///$(abspath $(MLFLOW_SERVER_DIR))/mlflow.db
+MLFLOW_ARTIFACTS ?= $(abspath $(MLFLOW_SERVER_DIR))/artifacts
+
+mlflow-server: setup
+	mkdir -p $(MLFLOW_SERVER_DIR)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+		--backend-store-uri "$(MLFLOW_BACKEND)" --artifacts-destination "$(MLFLOW_ARTIFACTS)" --workers 1
+
+# Spark local[2] against the predict CLI on the 5,216-image mirror (ARCHIVE=... for another archive).
+ARCHIVE ?= /work/shared/datasets/chest-xray-train-224.zip
+batch-benchmark: setup-scale
+	python benchmarks/batch_benchmark.py --archive "$(ARCHIVE)" --output benchmarks/batch-results.json
