@@ -64,7 +64,7 @@ repro: setup sources
 test: setup-dev
 	pytest -q -m "not slow and not browser"
 
-test-all: setup-dev web
+test-all: setup-dev setup-scale web
 	pytest -q
 
 lint: setup-dev

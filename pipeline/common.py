@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.locations import project_root
+from serving.locations import project_root, unreachable_server
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,9 @@ def one_line(error: BaseException) -> str:
 @contextmanager
 def stage_errors(logger: logging.Logger, *expected: type[BaseException]) -> Iterator[None]:
     """How a stage's `main()` ends on the failures it expects: one clear log line and exit status 1 for
-    `expected` (e.g. an unreachable MLflow store), 143 for SIGTERM, never a traceback. Anything else is
-    a bug and keeps its traceback. The previous SIGTERM handler is restored on the way out.
+    `expected` (e.g. an unreachable MLflow store) and for an MLflow tracking server that stops answering
+    mid-stage, 143 for SIGTERM, never a traceback. Anything else is a bug and keeps its traceback. The
+    previous SIGTERM handler is restored on the way out.
 
         with stage_errors(log, TrackingUnavailableError):
             ...
@@ -115,8 +116,14 @@ def stage_errors(logger: logging.Logger, *expected: type[BaseException]) -> Iter
     except Terminated as error:
         logger.error("%s; outputs of this stage are incomplete: run it again", error)
         raise SystemExit(128 + signal.SIGTERM) from None
-    except expected as error:
-        logger.error("%s", one_line(error))
+    except expected as error:  # the server going away is the cause to report, whatever it surfaced as
+        logger.error("%s", one_line(unreachable_server(error) or error))
+        raise SystemExit(1) from None
+    except Exception as error:
+        unreachable = unreachable_server(error)
+        if unreachable is None:
+            raise
+        logger.error("%s", one_line(unreachable))
         raise SystemExit(1) from None
     finally:
         if previous is not None:

@@ -12,6 +12,7 @@ registered artefact itself is exported to `models/registered/` (tracked by DVC, 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 SERVING_MODEL_NAME = "serving-model"
 # The pyfunc is logged as code, not as a pickled object: loading it runs no stored bytes.
-PYFUNC_CODE = Path("serving") / "pyfunc_model.py"
+SERVING_PACKAGE = Path("serving")
+PYFUNC_CODE = SERVING_PACKAGE / "pyfunc_model.py"
 EXAMPLE_IMAGE = Path("examples") / "normal_IM-0115-0001.png"
 
 
@@ -83,10 +85,14 @@ def log_serving_model(run_id: str, artefact_path: Path) -> str:
     import pydicom
 
     example = pd.DataFrame({"image": [EXAMPLE_IMAGE.read_bytes()]})
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as scratch:
+        package = Path(scratch) / SERVING_PACKAGE.name
+        package.mkdir()
+        for module in SERVING_PACKAGE.glob("*.py"):  # the Python package only: not the web page's assets
+            shutil.copy2(module, package / module.name)
         info = mlflow.pyfunc.log_model(
             name=SERVING_MODEL_NAME, python_model=str(PYFUNC_CODE), artifacts={ARTEFACT_KEY: str(artefact_path)},
-            code_paths=["serving"], signature=SIGNATURE, input_example=example,
+            code_paths=[str(package)], signature=SIGNATURE, input_example=example,
             pip_requirements=[f"mlflow=={mlflow.__version__}", f"onnxruntime=={onnxruntime.__version__}",
                               f"numpy=={numpy.__version__}", f"pillow=={PIL.__version__}",
                               f"pydicom=={pydicom.__version__}", f"pandas=={pd.__version__}"],

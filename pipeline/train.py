@@ -131,8 +131,19 @@ def log_model(model: Any, example: np.ndarray) -> Any:
     signature = infer_signature(example, model(example, training=False).numpy())
     return mlflow.tensorflow.log_model(
         model, name="model", signature=signature, input_example=example,
-        pip_requirements=[f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}"],
+        pip_requirements=[f"{tensorflow_distribution()}=={tf.__version__}", f"keras=={keras.__version__}"],
     )
+
+
+def tensorflow_distribution() -> str:
+    """The TensorFlow package installed here: tensorflow-cpu by default, tensorflow with the gpu extra."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("tensorflow-cpu")
+    except PackageNotFoundError:
+        return "tensorflow"
+    return "tensorflow-cpu"
 
 
 def write_history(rows: list[dict], path: Path) -> None:

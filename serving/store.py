@@ -18,6 +18,7 @@ from serving.locations import (
     configure_tracking,
     production_uri,
     tracking_uri,
+    unreachable_server,
 )
 
 __all__ = ["ARTEFACT_FILE", "MODEL_NAME", "PRODUCTION_ALIAS", "ModelUnavailableError", "TrackingUnavailableError",
@@ -73,6 +74,8 @@ def _registered_artefact(uri: str) -> Path:
     except ModelUnavailableError:
         raise
     except MlflowException as error:
+        if (unreachable := unreachable_server(error)) is not None:
+            raise unreachable from error
         raise ModelUnavailableError(
             f"no model at {uri} in the MLflow store {tracking_uri()}: train and register one with "
             "`make repro` (or `dvc repro`)"

@@ -168,7 +168,7 @@ def create_project(root: Path, archive: Path) -> dict[str, str]:
         source, target = PROJECT / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "node_modules", "vendor"))
         elif source.exists():
             shutil.copy2(source, target)
     tiny_params(root, archive)
