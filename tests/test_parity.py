@@ -46,9 +46,12 @@ def store(tiny_bundle, tmp_path_factory) -> Iterator[str]:
     original = (tiny_bundle / "model.onnx").read_bytes()
     artefact.write_bytes(stamp(original, ServingArtefact(original).decision.registered("pneumonia-cnn", "1")))
     with pytest.MonkeyPatch.context() as patch:
+        # Both: an earlier test's store may still be MLflow's registry (set_registry_uri writes the environment).
         patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_REGISTRY_URI", uri)
         patch.chdir(PROJECT)
         mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
         experiment = mlflow.create_experiment("parity", artifact_location=(folder / "mlruns").as_uri())
         with mlflow.start_run(experiment_id=experiment) as active:
             pass
@@ -80,6 +83,7 @@ def by_pyfunc(store: str, files: dict[str, str]) -> dict[str, tuple]:
     import pandas as pd
 
     mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
     model = mlflow.pyfunc.load_model(URI)
     frame = model.predict(pd.DataFrame({"image": [Path(path).read_bytes() for path in files.values()]}))
     return {name: (row.probability, row.label, row.error) for name, row in zip(files, frame.itertuples())}
@@ -87,7 +91,7 @@ def by_pyfunc(store: str, files: dict[str, str]) -> dict[str, tuple]:
 
 def by_cli(store: str, files: dict[str, str], tmp_path: Path) -> dict[str, tuple]:
     output = tmp_path / "predictions.csv"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store}
     run([sys.executable, "-m", "pipeline.predict", *files.values(), "--model-uri", URI, "--output", str(output)],
         PROJECT, env, expected=1)  # 1: one file could not be read
     rows = {Path(row["path"]).name: row for row in csv.DictReader(output.open())}
@@ -102,6 +106,7 @@ def by_app(store: str, files: dict[str, str]) -> dict[str, tuple]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", store)
+        patch.setenv("MLFLOW_REGISTRY_URI", store)
         service = app.ModelService(URI).load()
         demo = app.create_demo(service)
         try:
@@ -118,7 +123,7 @@ def by_app(store: str, files: dict[str, str]) -> dict[str, tuple]:
 
 def by_server(store: str, files: dict[str, str]) -> dict[str, tuple]:
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store,
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", URI, "--env-manager", "local",
