@@ -154,7 +154,8 @@ def tiny_params(project: Path, archive: Path) -> None:
         data={"source": str(archive), "sha256": None},
         preprocess={"image_size": 64, "val_fraction": 0.25, "test_fraction": 0.25},
         train={"image_size": 32, "filters": [8, 16], "epochs": 1, "batch_size": 8, "patience": 1},
-        evaluate={"bootstrap_resamples": 50, "cross_fit_folds": 2},
+        # The fixture archive has no test split, so no external set: calibrate on validation.
+        evaluate={"bootstrap_resamples": 50, "cross_fit_folds": 2, "calibration_split": "val"},
     )
 
 
