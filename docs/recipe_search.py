@@ -152,15 +152,16 @@ class _maybe_run:
 
 
 def table() -> str:
-    rows = [("| run | settings | epochs (best) | train time | val ROC-AUC | carved test ROC-AUC | external ROC-AUC "
+    rows = [("| run | settings | seed | epochs (best) | train time | val ROC-AUC | carved test ROC-AUC | external ROC-AUC "
             "[95% CI] | external spec. at sens. 0.93 / 0.95 | external ROC-AUC by epoch |"),
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for path in sorted(RESULTS.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
         auc = result["roc_auc"]
         ext = auc["external"]
         spec = result["external_specificity_at"]
-        rows.append(f"| {result['name']} | `{' '.join(result['settings']) or '(default)'}` | {result['epochs']} "
+        rows.append(f"| {result['name']} | `{' '.join(result['settings']) or '(default)'}` | {result['seed']} | "
+                    f"{result['epochs']} "
                     f"({result['best_epoch']}) | {result['train_seconds'] // 60} min | {auc['val']['value']:.3f} | "
                     f"{auc['test']['value']:.3f} | {ext['value']:.3f} [{ext['ci_low']:.3f}, {ext['ci_high']:.3f}] | "
                     f"{spec['0.93']:.3f} / {spec['0.95']:.3f} | "

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.helpers import build_fixture_zip, write_tiny_bundle
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS, build_fixture_zip, write_tiny_bundle
 
 _SESSION_CACHE = Path(tempfile.mkdtemp(prefix="pneumonia-tests-gradio-"))
 os.environ["GRADIO_TEMP_DIR"] = str(_SESSION_CACHE)  # before Gradio is imported anywhere
@@ -68,3 +68,18 @@ def service(app_module: ModuleType, tiny_bundle: Path):
         loaded = app_module.ModelService(str(tiny_bundle))
     assert loaded.load().ready, loaded.problem
     return loaded
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Headless Chromium through Playwright, for the tests marked `browser`."""
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

@@ -24,6 +24,10 @@ FIXTURE_DATASET = FIXTURES / "chest_xray"
 EXAMPLES = sorted((PROJECT / "examples").glob("*.png"))
 # Keras 3.15's model.save trips NumPy 2's __array__(copy=) deprecation inside Keras itself; nothing to act on.
 KERAS_SAVE_WARNING = "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+# Debian's Chromium (Playwright cannot download its own browsers here), quiet on a closed network.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 TINY_MODEL = {"image_size": 32, "filters": [4, 8], "dropout": 0.0, "crop": 1.0, "stem_filters": 0}
 
 
@@ -99,6 +103,20 @@ def launched(demo, **launch_options) -> str:
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                 **launch_options)
     return demo.local_url
+
+
+def raw_get(url: str, path: str) -> tuple[int, bytes]:
+    """GET `path` exactly as written: no client-side normalisation of `..` or percent-escapes."""
+    import http.client
+
+    host, port = url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 def client_for(url: str):

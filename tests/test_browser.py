@@ -4,15 +4,11 @@ result and the class-activation map, then clicks an example. Skipped only where 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, launched
+from tests.helpers import CHROMIUM, EXAMPLES, KERAS_SAVE_WARNING, launched
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 TIMEOUT_MS = 60_000  # generous: two busy cores
 
 pytestmark = [
@@ -33,16 +29,6 @@ def app_url(app_module, service) -> Iterator[str]:
         demo.close()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import json
 import shutil
 import struct
@@ -31,13 +30,10 @@ from PIL import Image
 from serving import ondevice
 from serving.decision import Decision
 from tests import image_factory as factory
-from tests.helpers import EXAMPLES, FIXTURE_DATASET, KERAS_SAVE_WARNING, PROJECT, launched
+from tests.helpers import CHROMIUM, EXAMPLES, FIXTURE_DATASET, KERAS_SAVE_WARNING, PROJECT, launched, raw_get
 
 NODE = shutil.which("node")
 WEB = PROJECT / "serving" / "web"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 TIMEOUT_MS = 90_000  # generous: two busy cores
 MAX_FILE_BYTES = 3_000_000  # the launched app's upload limit (small: the corpus's oversize file stays cheap)
 PROBABILITY_TOLERANCE = 0.01
@@ -536,15 +532,6 @@ def test_the_page_is_a_second_page_with_no_server_events(app_module, service):
     assert ondevice.launch_options(gr.Blocks()) == {}
 
 
-def raw_get(url: str, path: str) -> tuple[int, bytes]:
-    host, port = url.split("//", 1)[1].rstrip("/").rsplit(":", 1)
-    connection = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 @pytest.fixture(scope="module")
@@ -581,16 +568,6 @@ def test_launched_app_serves_the_routes_and_nothing_beside_them(app_url, tiny_bu
 # In Chromium
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def open_page(browser, url: str, before=None):

@@ -9,7 +9,6 @@ A tiny untrained CNN exported as an ONNX serving artefact (the `tiny_bundle` fix
 from __future__ import annotations
 
 import ast
-import http.client
 import os
 import secrets
 import subprocess
@@ -26,7 +25,7 @@ from pipeline.export import CARD_FILE
 from serving.decision import METADATA_KEY
 from serving.store import ARTEFACT_FILE
 from tests import image_factory as factory
-from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, PROJECT, free_port, launched
+from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, PROJECT, free_port, launched, raw_get
 from tests.hostile_corpus import fixture_xray
 
 pytestmark = [
@@ -106,17 +105,6 @@ def live_app(app_module, service, cache_dir) -> Iterator[str]:
         demo.close()
 
 
-def raw_get(url: str, path: str) -> tuple[int, bytes]:
-    """GET `path` exactly as written: no client-side normalisation of `..` or percent-escapes."""
-    host_port = url.split("//", 1)[1].rstrip("/")
-    host, port = host_port.rsplit(":", 1)
-    connection = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
 
 
 def test_only_an_uploads_own_copy_is_readable(live_app, cache_dir, tiny_bundle):
