@@ -18,7 +18,9 @@ FOLDS = 4
 
 @pytest.fixture(scope="module")
 def params():
-    return replace(project_params().evaluate, cross_fit_folds=FOLDS, bootstrap_resamples=20)
+    # Validation, so that a test without the external split still has its calibration split.
+    return replace(project_params().evaluate, calibration_split="val", cross_fit_folds=FOLDS,
+                   bootstrap_resamples=20)
 
 
 def synthetic(seed: int, patients: int, name: str) -> tuple[Split, np.ndarray]:
