@@ -30,11 +30,11 @@ import time
 import zipfile
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT))
+from serving.locations import MODEL_NAME
 
-DEFAULT_ARCHIVE = Path("/work/shared/datasets/chest-xray-train-224.zip")
-MODEL_NAME = "pneumonia-cnn"
+PROJECT = Path(__file__).resolve().parents[1]
+# The mirror of the training split, where this project's machines keep it (../shared beside the project).
+DEFAULT_ARCHIVE = PROJECT.parent / "shared" / "datasets" / "chest-xray-train-224.zip"
 SUMMARY_LINE = re.compile(r"scored (\d+) of (\d+) files in ([\d.]+) s")
 
 

@@ -68,7 +68,7 @@ def augment(image: tf.Tensor, seed: tf.Tensor, settings: AugmentParams) -> tf.Te
     angle = _uniform(seeds[0], settings.rotation_deg) * (math.pi / 180.0)
     scale = 1.0 + _uniform(seeds[1], settings.zoom)
     shifts = _uniform(seeds[2], settings.shift, shape=[2]) * tf.cast(size, tf.float32)
-    image = _affine(image, angle, scale, shifts)
+    image = _affine(image, angle, scale, shifts, settings.fill)
     brightness = _uniform(seeds[3], settings.brightness) * 255.0
     contrast = 1.0 + _uniform(seeds[4], settings.contrast)
     log_gamma = _uniform(seeds[5], settings.gamma)
@@ -120,8 +120,10 @@ def _uniform(seed: tf.Tensor, limit: float, shape: list[int] | None = None) -> t
     return tf.random.stateless_uniform(shape or [], seed=seed, minval=-limit, maxval=limit)
 
 
-def _affine(image: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor, shifts: tf.Tensor) -> tf.Tensor:
-    """Rotate by `angle`, zoom by `scale` and shift about the centre; uncovered pixels are black."""
+def _affine(image: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor, shifts: tf.Tensor, fill: str) -> tf.Tensor:
+    """Rotate by `angle`, zoom by `scale` and shift about the centre. Uncovered pixels are black
+    (`constant`) or continue the image (`nearest` edge pixels, `reflect`): black borders are never in a real
+    X-ray and pull the per-image statistics."""
     size = tf.cast(tf.shape(image)[0], tf.float32)
     centre = (size - 1.0) / 2.0
     cos, sin = tf.cos(angle) / scale, tf.sin(angle) / scale
@@ -132,7 +134,7 @@ def _affine(image: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor, shifts: tf.Ten
     size_int = tf.shape(image)[0:2]
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=image[tf.newaxis], transforms=transform[tf.newaxis], output_shape=size_int,
-        fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+        fill_value=0.0, interpolation="BILINEAR", fill_mode=fill.upper())[0]
 
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,

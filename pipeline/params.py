@@ -68,11 +68,12 @@ class AugmentParams:
     noise: NonNegative
     downscale: Fraction
     erase: Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
+    fill: Literal["constant", "nearest", "reflect"]
 
     @classmethod
     def none(cls) -> AugmentParams:
         """No augmentation at all."""
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "constant")
 
 
 @dataclass(config=_STRICT)

@@ -228,3 +228,13 @@ def test_erase_augmentation_fills_one_rectangle_with_one_grey():
     assert all(0.01 <= area <= 0.25 for area in areas), areas
     with pytest.raises(ValueError, match="erase"):
         replace(NO_AUGMENT, erase=1.5)
+
+
+@pytest.mark.parametrize("fill", ["nearest", "reflect"])
+def test_geometric_augmentation_can_continue_the_image_instead_of_black_borders(fill):
+    image = tf.constant(np.full((48, 48, 1), 200.0, dtype="float32"))
+    shrink_and_turn = replace(NO_AUGMENT, zoom=0.3, rotation_deg=20.0, shift=0.1)
+    black = [augment(image, seed_of(seed, 3), shrink_and_turn).numpy() for seed in range(6)]
+    continued = [augment(image, seed_of(seed, 3), replace(shrink_and_turn, fill=fill)).numpy() for seed in range(6)]
+    assert min(output.min() for output in black) == 0.0  # the default fill leaves black corners
+    assert min(output.min() for output in continued) > 199.0

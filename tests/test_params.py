@@ -95,7 +95,7 @@ def test_external_set_is_a_source_with_its_checksum():
 
 
 def test_no_augmentation_is_all_zeros():
-    assert set(dataclasses.asdict(AugmentParams.none()).values()) == {0.0}
+    assert set(dataclasses.asdict(AugmentParams.none()).values()) == {0.0, "constant"}
 
 
 # --------------------------------------------------------------------------------------------------
