@@ -28,8 +28,12 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 POOLING_LAYER = "global_pool"
-# The artefact must agree with the Keras model it came from to float rounding.
+# The artefact must agree with the Keras model it came from to float rounding: the probability and the gate's
+# score to 1e-5 of their scale. The CAM is a sum over 128 channels of activations that cancel, so float32
+# rounding reaches ~1e-4 of its largest value on a noise probe (measured: 3.3e-4); it is shown normalised
+# to its range, and 1e-3 of the range is under one of the overlay's 256 colour levels.
 AGREEMENT_TOLERANCE = 1e-5
+CAM_TOLERANCE = 1e-3
 
 
 class ArtefactError(RuntimeError):
@@ -154,5 +158,9 @@ def _check_agreement(artefact: bytes, serve, size: int) -> None:
     actual = dict(zip([o.name for o in session.get_outputs()], session.run(None, {INPUT_NAME: probe})))
     for key, value in expected.items():
         difference = float(np.abs(actual[key] - value).max())
-        if difference > AGREEMENT_TOLERANCE * max(1.0, float(np.abs(value).max())):
+        if key == CAM_OUTPUT:
+            allowed = CAM_TOLERANCE * max(1.0, float(value.max() - value.min()))
+        else:
+            allowed = AGREEMENT_TOLERANCE * max(1.0, float(np.abs(value).max()))
+        if difference > allowed:
             raise ArtefactError(f"the ONNX artefact's {key} differs from TensorFlow's by {difference:.2e}")
