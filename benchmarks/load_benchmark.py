@@ -179,9 +179,13 @@ def classify(error: BaseException) -> tuple[str, str]:
 
 
 def answer_problem(answer: Any) -> str | None:
-    """Why a `/predict` answer is not a usable result, or None: four outputs, a decision in the label."""
-    if not isinstance(answer, (tuple, list)) or len(answer) != 4:
-        return f"expected 4 outputs, got {type(answer).__name__}"
+    """Why a `/predict` answer is not a usable result, or None: the app's five outputs (label, heatmap,
+    table, status, details), a decision in the label and a probability in the structured result."""
+    if not isinstance(answer, (tuple, list)) or len(answer) != 5:
+        return f"expected 5 outputs, got {type(answer).__name__} of {len(answer) if isinstance(answer, (tuple, list)) else 1}"
+    details = answer[4] if isinstance(answer[4], dict) else {}
+    if not any(isinstance(row.get("probability"), float) for row in details.get("results", [])):
+        return f"no probability in the structured result: {str(answer[4])[:120]}"
     label = answer[0]
     text = label.get("label") if isinstance(label, dict) else None
     if not isinstance(text, str) or not text.startswith(("NORMAL", "PNEUMONIA")):
