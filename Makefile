@@ -64,8 +64,9 @@ repro: setup sources
 test: setup-dev
 	pytest -q -m "not slow and not browser"
 
+# The slowest tests are listed at the end, so that a suite creeping towards CI's limit shows where.
 test-all: setup-dev setup-scale web
-	pytest -q
+	pytest -q --durations=20
 
 lint: setup-dev
 	ruff check pipeline serving tests benchmarks docs app.py
