@@ -89,8 +89,10 @@ def purge_cache(folder: Path) -> None:
 
 
 def purge_on_exit(folder: Path) -> None:
-    """Delete `folder` however the process stops short of SIGKILL: SIGTERM becomes KeyboardInterrupt in
-    the main thread (what Gradio's `block_thread` closes the server on), then atexit purges."""
+    """Delete `folder` however the process stops short of SIGKILL: SIGTERM, SIGINT and SIGHUP become
+    KeyboardInterrupt in the main thread (what Gradio's `block_thread` closes the server on), then atexit
+    purges. SIGINT is set explicitly: a process started in the background by a non-interactive shell
+    (`nohup python app.py &`, CI runners) inherits it ignored, and would then never stop on it."""
     atexit.register(purge_cache, folder)
 
     def interrupt(signum: int, _frame: Any) -> None:
@@ -99,6 +101,7 @@ def purge_on_exit(folder: Path) -> None:
         raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, interrupt)
 

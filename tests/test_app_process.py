@@ -23,13 +23,20 @@ pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 90
 
 
+def ignore_sigint() -> None:
+    """As a non-interactive shell starts a background job (`nohup python app.py &`, CI runners): SIGINT
+    ignored, which a Python process inherits and would keep."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def start_app(model: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
     tmp.mkdir(exist_ok=True)
     port = free_port()
     env = {**os.environ, "TMPDIR": str(tmp), "PNEUMONIA_MODEL_URI": str(model)}
     env.pop("GRADIO_TEMP_DIR", None)  # as on a real machine: the app picks its own private folder
     process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=PROJECT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=ignore_sigint)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
