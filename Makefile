@@ -161,6 +161,6 @@ mlflow-server: setup
 		--backend-store-uri "$(MLFLOW_BACKEND)" --artifacts-destination "$(MLFLOW_ARTIFACTS)" --workers 1
 
 # Spark local[2] against the predict CLI on the 5,216-image mirror (ARCHIVE=... for another archive).
-ARCHIVE ?= /work/shared/datasets/chest-xray-train-224.zip
+ARCHIVE ?= ../shared/datasets/chest-xray-train-224.zip
 batch-benchmark: setup-scale
 	python benchmarks/batch_benchmark.py --archive "$(ARCHIVE)" --output benchmarks/batch-results.json
