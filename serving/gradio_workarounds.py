@@ -91,8 +91,9 @@ def purge_cache(folder: Path) -> None:
 def purge_on_exit(folder: Path) -> None:
     """Delete `folder` however the process stops short of SIGKILL: SIGTERM, SIGINT and SIGHUP become
     KeyboardInterrupt in the main thread (what Gradio's `block_thread` closes the server on), then atexit
-    purges. SIGINT is set explicitly: a process started in the background by a non-interactive shell
-    (`nohup python app.py &`, CI runners) inherits it ignored, and would then never stop on it."""
+    purges. A signal the process was started with ignored stays ignored, as its starter meant: `nohup`
+    ignores SIGHUP, and a non-interactive shell starts background jobs with SIGINT ignored. Such an app
+    keeps running (and sweeping its cache) through that signal, and SIGTERM still stops it."""
     atexit.register(purge_cache, folder)
 
     def interrupt(signum: int, _frame: Any) -> None:
@@ -101,9 +102,10 @@ def purge_on_exit(folder: Path) -> None:
         raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, interrupt)
+    for name in ("SIGINT", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, interrupt)
 
 
 def _pid_of(folder: Path) -> int:

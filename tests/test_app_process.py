@@ -23,20 +23,27 @@ pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 90
 
 
-def ignore_sigint() -> None:
-    """As a non-interactive shell starts a background job (`nohup python app.py &`, CI runners): SIGINT
-    ignored, which a Python process inherits and would keep."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def as_from_a_terminal() -> None:
+    """SIGINT and SIGHUP at their defaults, as a terminal starts the app, whatever the test runner's own
+    dispositions (a runner started in the background by a non-interactive shell ignores SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
-def start_app(model: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
+def as_with_nohup() -> None:
+    """`nohup python app.py &`: SIGHUP ignored, which the app must keep."""
+    as_from_a_terminal()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def start_app(model: Path, tmp: Path, starter=as_from_a_terminal) -> tuple[subprocess.Popen, str]:
     tmp.mkdir(exist_ok=True)
     port = free_port()
     env = {**os.environ, "TMPDIR": str(tmp), "PNEUMONIA_MODEL_URI": str(model)}
     env.pop("GRADIO_TEMP_DIR", None)  # as on a real machine: the app picks its own private folder
     process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=PROJECT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               preexec_fn=ignore_sigint)
+                               preexec_fn=starter)  # noqa: PLW1509 (it only sets signal dispositions)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -85,6 +92,22 @@ def test_a_stopped_app_deletes_every_upload_and_heatmap(tiny_bundle, tmp_path, s
         if process.poll() is None:
             process.kill()
     assert process.returncode is not None
+    assert "deleted the upload cache" in output
+    assert cached_files(tmp_path / "app") == [], output
+
+
+def test_an_app_started_with_nohup_keeps_serving_through_a_hangup(tiny_bundle, tmp_path):
+    process, url = start_app(tiny_bundle, tmp_path / "app", starter=as_with_nohup)
+    try:
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert process.poll() is None
+        upload(url, tmp_path)  # still serving
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
     assert "deleted the upload cache" in output
     assert cached_files(tmp_path / "app") == [], output
 
