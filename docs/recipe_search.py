@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 RESULTS = Path(__file__).resolve().parent / "recipe-search"
+MODELS = Path("models/recipe-search")
 SENSITIVITIES = (0.93, 0.95)
 RESAMPLES = 1000
 
@@ -64,6 +65,8 @@ def specificity_at(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -
 
 
 def external_auc_callback(external, history: list[float]):
+    """After every epoch, the external ROC-AUC of the pneumonia head as served (the logits of the image
+    and its mirror averaged): a diagnostic, never used to choose weights."""
     import keras
     from sklearn.metrics import roc_auc_score
 
@@ -71,14 +74,19 @@ def external_auc_callback(external, history: list[float]):
 
     class ExternalAuc(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            scores = self.model.predict(pixels, batch_size=64, verbose=0).reshape(-1)
-            history.append(round(float(roc_auc_score(external.labels, scores)), 4))
+            logits = [_logit(self.model.predict(view, batch_size=64, verbose=0)["pneumonia"].reshape(-1))
+                      for view in (pixels, pixels[:, :, ::-1])]
+            history.append(round(float(roc_auc_score(external.labels, np.mean(logits, axis=0))), 4))
 
     return ExternalAuc()
 
 
+def _logit(probabilities: np.ndarray) -> np.ndarray:
+    clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
+    return np.log(clipped / (1 - clipped))
+
+
 def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool) -> dict[str, Any]:
-    import keras
     import mlflow
 
     from pipeline import train
@@ -91,39 +99,32 @@ def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool
     recipe = with_overrides(params.train, assignments)
     splits = {name: load_split(name) for name in ("train", "val", "test", "external")}
     history: list[float] = []
-    original_fit = keras.Model.fit
-
-    def fit_with_diagnostic(self, *args, callbacks=None, **kwargs):
-        return original_fit(self, *args, callbacks=[*(callbacks or []), external_auc_callback(splits["external"], history)],
-                            **kwargs)
-
     train.make_deterministic(seed)
     started = time.perf_counter()
-    keras.Model.fit = fit_with_diagnostic
-    try:
-        with tempfile.TemporaryDirectory() as scratch, _maybe_run(log_to_mlflow, name):
-            model, rows = train.fit(recipe, seed, splits["train"], splits["val"], Path(scratch) / "best.weights.h5")
-            seconds = time.perf_counter() - started
-            from pipeline.artefact import build
-            from serving.decision import Decision
+    with tempfile.TemporaryDirectory() as scratch, _maybe_run(log_to_mlflow, name):
+        model, rows = train.fit(recipe, seed, splits["train"], splits["val"], Path(scratch) / "best.weights.h5",
+                                callbacks=[external_auc_callback(splits["external"], history)])
+        seconds = time.perf_counter() - started
+        MODELS.mkdir(parents=True, exist_ok=True)
+        model.save(MODELS / f"{name}.keras")  # kept (git-ignored), so a run can be scored again
+        from pipeline.artefact import build
+        from serving.decision import Decision
 
-            crop = model.get_layer("centre_crop").height / model.input_shape[1] if recipe.crop < 1 else 1.0
-            served = ServingArtefact(build(model, Decision(0.5, "none", int(model.input_shape[1]), crop=crop)))
-            scores = {split: served.probabilities(data.images) for split, data in splits.items() if split != "train"}
-            result = {
-                "name": name, "settings": assignments, "seed": seed, "train_seconds": round(seconds),
-                "epochs": len(rows), "best_epoch": int(max(rows, key=lambda row: row["val_auc"])["epoch"]),
-                "roc_auc": {split: auc_with_ci(splits[split].labels, values, seed) for split, values in scores.items()},
-                "external_specificity_at": {str(s): specificity_at(splits["external"].labels, scores["external"], s)
-                                            for s in SENSITIVITIES},
-                "external_auc_by_epoch": history,
-                "val_auc_by_epoch": [round(row["val_auc"], 4) for row in rows],
-            }
-            if log_to_mlflow:
-                mlflow.log_params({"settings": " ".join(assignments) or "(params.yaml)", "seed": seed})
-                mlflow.log_metrics({f"{split}_roc_auc": values["value"] for split, values in result["roc_auc"].items()})
-    finally:
-        keras.Model.fit = original_fit
+        crop = model.get_layer("centre_crop").height / model.input_shape[1] if recipe.crop < 1 else 1.0
+        served = ServingArtefact(build(model, Decision(0.5, "none", int(model.input_shape[1]), crop=crop)))
+        scores = {split: served.probabilities(data.images) for split, data in splits.items() if split != "train"}
+        result = {
+            "name": name, "settings": assignments, "seed": seed, "train_seconds": round(seconds),
+            "epochs": len(rows), "best_epoch": int(max(rows, key=lambda row: row["val_auc"])["epoch"]),
+            "roc_auc": {split: auc_with_ci(splits[split].labels, values, seed) for split, values in scores.items()},
+            "external_specificity_at": {str(s): specificity_at(splits["external"].labels, scores["external"], s)
+                                        for s in SENSITIVITIES},
+            "external_auc_by_epoch": history,
+            "val_auc_by_epoch": [round(row["val_auc"], 4) for row in rows],
+        }
+        if log_to_mlflow:
+            mlflow.log_params({"settings": " ".join(assignments) or "(params.yaml)", "seed": seed})
+            mlflow.log_metrics({f"{split}_roc_auc": values["value"] for split, values in result["roc_auc"].items()})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result

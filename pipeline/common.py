@@ -1,4 +1,4 @@
-"""What every stage shares: seeding, logging, git facts, atomic JSON, clean stops on SIGTERM.
+"""What every stage shares: logging, git facts, atomic JSON, clean stops on SIGTERM.
 
 Paths live in `pipeline.paths`, params in `pipeline.params`."""
 
@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import random
 import signal
 import subprocess
 import threading
@@ -17,18 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import yaml
 
 from serving.locations import project_root, unreachable_server
 
 log = logging.getLogger(__name__)
-
-
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and (if imported) TensorFlow/Keras from the one project seed."""
-    os.environ["PYTHONHASHSEED"] = str(seed)
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -44,19 +35,43 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
 
 
 def git_commit(root: Path | None = None) -> str:
-    """The checked-out commit, with '-dirty' when tracked files differ from it; 'unknown' outside git."""
+    """The checked-out commit, with '-dirty' when tracked source differs from it; 'unknown' outside git.
+
+    What DVC itself writes while `dvc repro` runs (dvc.lock, the stages' git-tracked outputs such as
+    reports/) is not source: a model trained from a clean clone is not dirty because its own run updated
+    them."""
     cwd = root or project_root()
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--no-renames"],
             cwd=cwd, capture_output=True, text=True, check=True, timeout=10,
-        ).stdout.strip()
+        ).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    written = pipeline_outputs(cwd)
+    dirty = [line[3:] for line in changed if not _under_any(line[3:].strip('"'), written)]
     return f"{commit}-dirty" if dirty else commit
+
+
+def pipeline_outputs(root: Path) -> list[str]:
+    """dvc.lock and every path dvc.yaml declares as a stage's output or metric (relative to `root`)."""
+    try:
+        stages = (yaml.safe_load((Path(root) / "dvc.yaml").read_text(encoding="utf-8")) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return ["dvc.lock"]
+    paths = ["dvc.lock"]
+    for stage in stages.values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key, []):
+                paths.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+    return paths
+
+
+def _under_any(path: str, folders_or_files: list[str]) -> bool:
+    return any(path == item or path.startswith(item.rstrip("/") + "/") for item in folders_or_files)
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -1,5 +1,12 @@
 """The CNN and its input pipeline. Preprocessing (resize, rescale) lives inside the model, so
-serving feeds raw greyscale pixels (0..255, float32, N x S x S x 1) exactly as preprocess stores them."""
+serving feeds raw greyscale pixels (0..255, float32, N x S x S x 1) exactly as preprocess stores them.
+
+One trunk, three heads on its pooled features:
+- `pneumonia`: the probability of pneumonia (the diagnosis);
+- `viral`: the probability that a pneumonia is viral rather than bacterial (trained on pneumonia images);
+- `orientation`: which of the eight ways an X-ray can lie (`ORIENTATIONS`) the image is in. Turned copies
+  of the training images are free labels, and predicting them is a classic self-supervised task.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +17,14 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from pipeline.arrays import NO_SUBTYPE
 from pipeline.params import AugmentParams, TrainParams
+from serving.orientation import ORIENTATIONS
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "pneumonia_probability"
+SUBTYPE_OUTPUT_NAME = "viral_probability"
+ORIENTATION_OUTPUT_NAME = "orientation_probabilities"
 
 
 def build_model(input_size: int, params: TrainParams) -> keras.Model:
@@ -54,14 +65,26 @@ def build_model(input_size: int, params: TrainParams) -> keras.Model:
         x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
     x = layers.GlobalAveragePooling2D(name="global_pool")(x)
     x = layers.Dropout(params.dropout, name="dropout")(x)
-    outputs = layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(x)
+    outputs = {
+        "viral": layers.Dense(1, activation="sigmoid", name=SUBTYPE_OUTPUT_NAME)(x),
+        "orientation": layers.Dense(len(ORIENTATIONS), activation="softmax", name=ORIENTATION_OUTPUT_NAME)(x),
+        "pneumonia": layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(x),
+    }
     return keras.Model(inputs, outputs, name="pneumonia_cnn")
+
+
+def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """`image` (S x S x 1) put in orientation number `orientation` of `ORIENTATIONS`: mirrored left-right
+    first when it is a mirrored one, then turned anticlockwise by 90 degrees times its turns."""
+    mirrored = orientation >= len(ORIENTATIONS) // 2
+    image = tf.cond(mirrored, lambda: tf.image.flip_left_right(image), lambda: image)
+    return tf.image.rot90(image, k=orientation % (len(ORIENTATIONS) // 2))
 
 
 def augment(image: tf.Tensor, seed: tf.Tensor, settings: AugmentParams) -> tf.Tensor:
     """Random geometry and exposure, from a stateless seed so every run draws the same numbers.
 
-    No horizontal flips: a mirrored chest (heart on the right) is not a plausible X-ray.
+    Sensor noise comes last, as a detector adds it to whatever reaches it.
     """
     seeds = tf.random.experimental.stateless_split(seed, num=8)
     size = tf.shape(image)[0]
@@ -75,14 +98,13 @@ def augment(image: tf.Tensor, seed: tf.Tensor, settings: AugmentParams) -> tf.Te
     mean = tf.reduce_mean(image)
     image = (image - mean) * contrast + mean + brightness
     image = 255.0 * tf.pow(tf.clip_by_value(image / 255.0, 0.0, 1.0), tf.exp(log_gamma))
-    # Sensor noise of a random strength up to `noise` (in grey levels).
-    noise_level = tf.abs(_uniform(seeds[6], settings.noise))
-    image = image + noise_level * tf.random.stateless_normal(tf.shape(image), seed=seeds[7])
     if settings.downscale > 0:
-        # A seed of its own, so recipes without this option draw exactly the numbers they always did.
         image = _downscale(image, tf.random.experimental.stateless_fold_in(seed, 1), settings.downscale)
     if settings.erase > 0:
         image = _erase(image, tf.random.experimental.stateless_fold_in(seed, 2), settings.erase)
+    # Sensor noise of a random strength up to `noise` (in grey levels).
+    noise_level = tf.abs(_uniform(seeds[6], settings.noise))
+    image = image + noise_level * tf.random.stateless_normal(tf.shape(image), seed=seeds[7])
     return tf.clip_by_value(image, 0.0, 255.0)
 
 
@@ -137,20 +159,48 @@ def _affine(image: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor, shifts: tf.Ten
         fill_value=0.0, interpolation="BILINEAR", fill_mode=fill.upper())[0]
 
 
-def make_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                 augmentation: AugmentParams | None = None) -> tf.data.Dataset:
-    """In-memory dataset of (float32 N x S x S x 1 raw pixels, float32 labels); shuffled and
-    augmented only when `augmentation` is given."""
-    features = images[..., np.newaxis]
-    dataset = tf.data.Dataset.from_tensor_slices((features, labels.astype(np.float32)))
-    dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+def make_dataset(images: np.ndarray, labels: np.ndarray, subtypes: np.ndarray, batch_size: int, seed: int,
+                 augmentation: AugmentParams | None = None, orientation_rate: float = 0.0,
+                 class_weights: dict[int, float] | None = None) -> tf.data.Dataset:
+    """In-memory dataset of (float32 N x S x S x 1 raw pixels, targets, sample weights), targets and weights
+    keyed by head. Shuffled, augmented and turned (`orientation_rate` of the images) only when
+    `augmentation` is given. A turned image teaches the orientation head only; the viral head learns from
+    pneumonia images only; `class_weights` balance the pneumonia head."""
+    weights = class_weights or {0: 1.0, 1: 1.0}
+    class_weight = np.where(labels == 1, weights[1], weights[0]).astype(np.float32)
+    dataset = tf.data.Dataset.from_tensor_slices((images[..., np.newaxis], labels.astype(np.float32),
+                                                  subtypes.astype(np.int32), class_weight))
+    dataset = dataset.map(lambda x, *rest: (tf.cast(x, tf.float32), *rest), num_parallel_calls=tf.data.AUTOTUNE)
     if augmentation is not None:
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         dataset = tf.data.Dataset.zip((dataset, seeds)).map(
-            lambda pair, pair_seed: (augment(pair[0], pair_seed, augmentation), pair[1]),
+            lambda item, item_seed: _training_example(*item, item_seed, augmentation, orientation_rate),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        dataset = dataset.map(lambda *item: _example(*item, tf.constant(0)), num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _training_example(image, label, subtype, class_weight, seed, settings: AugmentParams, rate: float):
+    """Augmented, then mirrored (`settings.flip`: the diagnosis heads learn from mirrored images too) and
+    turned (`rate`: the orientation head only) at random; the orientation head is told which it got."""
+    image = augment(image, seed, settings)
+    seeds = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(seed, 3), num=3)
+    mirrored = tf.random.stateless_uniform([], seeds[0]) < (0.5 if settings.flip else 0.0)
+    turned = tf.random.stateless_uniform([], seeds[1]) < rate
+    turns = tf.where(turned, tf.random.stateless_uniform([], seeds[2], 1, 4, dtype=tf.int32), 0)
+    orientation = turns + tf.where(mirrored, len(ORIENTATIONS) // 2, 0)
+    return _example(orient(image, orientation), label, subtype, class_weight, orientation)
+
+
+def _example(image, label, subtype, class_weight, orientation):
+    upright = tf.cast(orientation % (len(ORIENTATIONS) // 2) == 0, tf.float32)
+    has_subtype = tf.cast(subtype != NO_SUBTYPE, tf.float32)
+    targets = {"pneumonia": label[tf.newaxis], "viral": tf.cast(tf.maximum(subtype, 0), tf.float32)[tf.newaxis],
+               "orientation": orientation}
+    weights = {"pneumonia": class_weight * upright, "viral": has_subtype * upright, "orientation": tf.constant(1.0)}
+    return image, targets, weights
 
 
 def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:

@@ -69,11 +69,13 @@ class AugmentParams:
     downscale: Fraction
     erase: Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
     fill: Literal["constant", "nearest", "reflect"]
+    # Mirror left-right at random: the diagnosis heads learn to ignore it (serving averages both mirrors).
+    flip: StrictBool
 
     @classmethod
     def none(cls) -> AugmentParams:
         """No augmentation at all."""
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "constant")
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "constant", False)
 
 
 @dataclass(config=_STRICT)
@@ -93,6 +95,12 @@ class TrainParams:
     weight_decay: NonNegative
     patience: Positive
     augment: AugmentParams
+    # The share of training images turned by 90, 180 or 270 degrees for the orientation head (free labels);
+    # the diagnosis heads learn from the upright ones only.
+    orientation_rate: Fraction
+    # Loss weights of the second and third heads (pneumonia's is 1).
+    subtype_weight: NonNegative
+    orientation_weight: NonNegative
 
 
 @dataclass(config=_STRICT)
@@ -104,6 +112,9 @@ class EvaluateParams:
     threshold_rule: Literal["youden", "sensitivity", "sensitivity_bound"]
     target_sensitivity: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)]
     bootstrap_resamples: Annotated[StrictInt, Field(ge=0)]
+    # Triage: the X-rays triaged NORMAL or PNEUMONIA (not REVIEW) must reach this accuracy and sensitivity.
+    triage_accuracy: Annotated[StrictFloat, Field(gt=0.5, lt=1.0)]
+    triage_sensitivity: Annotated[StrictFloat, Field(gt=0.5, lt=1.0)]
 
 
 @dataclass(config=_STRICT)
@@ -123,6 +134,9 @@ class OodParams:
     accept_rate: Annotated[StrictFloat, Field(gt=0.5, lt=1.0)]
     # The gate sums the Mahalanobis distances of this many last blocks' pooled outputs.
     blocks: Annotated[StrictInt, Field(ge=1)]
+    # An X-ray is turned or mirrored back only when the orientation head is at least this sure; below it
+    # the file is refused rather than scored the wrong way up.
+    orientation_confidence: Annotated[StrictFloat, Field(gt=0.5, lt=1.0)]
 
 
 @dataclass(config=_STRICT)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.arrays import Split, save_split
+from pipeline.arrays import BACTERIAL, NO_SUBTYPE, VIRAL, Split, save_split
 from pipeline.common import setup_logging, stage_errors, write_json
 from pipeline.params import PreprocessParams, stage_params
 from pipeline.paths import DATA_SUMMARY_FILE, MANIFEST_FILE, RAW_DIR, RAW_EXTERNAL_DIR, split_file
@@ -38,6 +38,7 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 # NORMAL2-IM-XXXX-YYYY: study IM-XXXX (the NORMAL2 prefix is folded in, so a study that appears under
 # both names stays on one side).
 _PNEUMONIA_PATIENT = re.compile(r"^(person\d+)_(?:bacteria|virus)_\d+$", re.IGNORECASE)
+_SUBTYPE = re.compile(r"^person\d+_(bacteria|virus)_\d+$", re.IGNORECASE)
 _NORMAL_PATIENT = re.compile(r"^(?:NORMAL2-)?(IM-\d+)(?:-\d+)+$", re.IGNORECASE)
 
 
@@ -57,6 +58,14 @@ def patient_id(file_name: str) -> str:
         if match:
             return match.group(1).lower()
     return f"file:{stem.lower()}"
+
+
+def subtype(file_name: str, label: int) -> int:
+    """BACTERIAL or VIRAL for a pneumonia file named by the dataset's scheme, else NO_SUBTYPE."""
+    match = _SUBTYPE.match(Path(file_name).stem)
+    if label != 1 or match is None:
+        return NO_SUBTYPE
+    return VIRAL if match.group(1).lower() == "virus" else BACTERIAL
 
 
 def find_class_root(folder: Path) -> Path | None:
@@ -197,10 +206,13 @@ def write_outputs(records: list[Record], images: dict, skipped: list[dict], size
         save_split(split_file(split), Split(
             np.stack([images[record.file] for record in chosen]),
             np.array([record.label for record in chosen], dtype=np.uint8),
-            np.array([record.patient for record in chosen])))
+            np.array([record.patient for record in chosen]),
+            np.array([subtype(record.file, record.label) for record in chosen], dtype=np.int8)))
+        kinds = Counter(subtype(record.file, record.label) for record in chosen)
         summary["splits"][split] = {
             "images": len(chosen), "patients": len({record.patient for record in chosen}),
             **{name.lower(): counts[name] for name in CLASS_NAMES},
+            "bacterial": kinds[BACTERIAL], "viral": kinds[VIRAL],
         }
     summary["external_images_also_in_training_data"] = 0 if EXTERNAL in present else None
     _write_manifest(MANIFEST_FILE, kept)

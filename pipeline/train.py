@@ -1,4 +1,5 @@
-"""Stage: train the CNN from scratch, keep the best epoch by validation AUC, log it all to MLflow.
+"""Stage: train the CNN from scratch, keep the best epoch by validation AUC (of the pneumonia head), log it
+all to MLflow.
 
 Runs on a GPU when TensorFlow sees one (the `gpu` extra), else on the CPU, and says which."""
 
@@ -83,12 +84,21 @@ class EpochLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         seconds = time.perf_counter() - self._started
-        row = {key: float(value) for key, value in (logs or {}).items()}
+        row = {history_key(key): float(value) for key, value in (logs or {}).items()}
         row.update(epoch=epoch + 1, seconds=seconds, images_per_second=self.samples_per_epoch / seconds)
         self.rows.append(row)
         if mlflow.active_run() is not None:  # never start a run in some default store by accident
             mlflow.log_metrics({key: value for key, value in row.items() if key != "epoch"}, step=epoch + 1)
         log.info("epoch %d: %s", epoch + 1, {key: round(value, 4) for key, value in row.items()})
+
+
+# The pneumonia head's figures keep their plain names (auc, val_auc) in the history and its plots.
+MONITORED = "val_pneumonia_auc"
+
+
+def history_key(key: str) -> str:
+    """A Keras log key as the history names it: `val_pneumonia_auc` -> `val_auc`, `val_viral_auc` kept."""
+    return key.replace("pneumonia_", "")
 
 
 def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -101,25 +111,39 @@ def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizer
     return keras.optimizers.Adam(learning_rate=learning_rate)
 
 
-def fit(params: TrainParams, seed: int, train: Split, val: Split, checkpoint: Path) -> tuple[Any, list[dict]]:
-    model = build_model(train.images.shape[1], params)
-    steps_per_epoch = -(-len(train) // params.batch_size)
+def compile_model(model: keras.Model, params: TrainParams, steps_per_epoch: int) -> None:
+    """Three heads, one optimiser: the pneumonia loss counts once, the others by their params' weights.
+    Metrics are sample-weighted, so turned images never count towards the diagnosis heads' figures."""
     model.compile(
         optimizer=make_optimizer(params, steps_per_epoch),
-        loss=keras.losses.BinaryCrossentropy(label_smoothing=params.label_smoothing),
-        metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+        loss={"pneumonia": keras.losses.BinaryCrossentropy(label_smoothing=params.label_smoothing),
+              "viral": keras.losses.BinaryCrossentropy(),
+              "orientation": keras.losses.SparseCategoricalCrossentropy()},
+        loss_weights={"pneumonia": 1.0, "viral": params.subtype_weight, "orientation": params.orientation_weight},
+        weighted_metrics={"pneumonia": [keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+                          "viral": [keras.metrics.AUC(name="auc")],
+                          "orientation": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]},
     )
+
+
+def fit(params: TrainParams, seed: int, train: Split, val: Split, checkpoint: Path,
+        callbacks: list[keras.callbacks.Callback] | None = None) -> tuple[Any, list[dict]]:
+    """The trained network (its best epoch by the pneumonia head's validation AUC) and one history row per
+    epoch. `callbacks` run after the pipeline's own (the recipe search adds its diagnostics there)."""
+    model = build_model(train.images.shape[1], params)
+    compile_model(model, params, -(-len(train) // params.batch_size))
     epoch_logger = EpochLogger(len(train))
-    callbacks = [
-        keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_auc", mode="max", save_best_only=True,
+    own = [
+        keras.callbacks.ModelCheckpoint(checkpoint, monitor=MONITORED, mode="max", save_best_only=True,
                                         save_weights_only=True),
-        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=params.patience),
+        keras.callbacks.EarlyStopping(monitor=MONITORED, mode="max", patience=params.patience),
         epoch_logger,
     ]
     model.fit(
-        make_dataset(train.images, train.labels, params.batch_size, seed, params.augment),
-        validation_data=make_dataset(val.images, val.labels, params.batch_size, seed),
-        epochs=params.epochs, class_weight=balanced_class_weights(train.labels), callbacks=callbacks, verbose=0,
+        make_dataset(train.images, train.labels, train.subtypes, params.batch_size, seed, params.augment,
+                     params.orientation_rate, balanced_class_weights(train.labels)),
+        validation_data=make_dataset(val.images, val.labels, val.subtypes, params.batch_size, seed),
+        epochs=params.epochs, callbacks=[*own, *(callbacks or [])], verbose=0,
     )
     model.load_weights(checkpoint)
     return model, epoch_logger.rows
@@ -128,7 +152,8 @@ def fit(params: TrainParams, seed: int, train: Split, val: Split, checkpoint: Pa
 def log_model(model: Any, example: np.ndarray) -> Any:
     """Log the Keras model (for retraining and inspection; serving uses the ONNX artefact registered
     later) with signature and input example; requirements are pinned, not inferred (slow)."""
-    signature = infer_signature(example, model(example, training=False).numpy())
+    outputs = {head: value.numpy() for head, value in model(example, training=False).items()}
+    signature = infer_signature(example, outputs)
     return mlflow.tensorflow.log_model(
         model, name="model", signature=signature, input_example=example,
         pip_requirements=[f"{tensorflow_distribution()}=={tf.__version__}", f"keras=={keras.__version__}"],
