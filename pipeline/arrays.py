@@ -13,7 +13,6 @@ import numpy as np
 
 from pipeline.paths import split_file
 
-
 # The kind of pneumonia, from the dataset's file names (`personN_bacteria_M`, `personN_virus_M`).
 NO_SUBTYPE, BACTERIAL, VIRAL = -1, 0, 1
 SUBTYPE_NAMES = ("BACTERIAL", "VIRAL")
