@@ -1,12 +1,18 @@
 """Build the serving artefact: the trained Keras network as one ONNX graph with its decision inside.
 
-The graph takes raw greyscale pixels (float32 N x S x S x 1, 0..255) and gives
+The graph takes raw greyscale pixels (float32 N x S x S x 1, 0..255) and scores each image and its
+left-right mirror, averaging their logits (the network was trained on both: the diagnosis must not depend
+on which way round the film was put), and gives
 - `probability` (N): the calibrated probability of pneumonia. Calibration sigmoid(logit / T + b) is
-  folded into the last layer's weights, so nothing downstream applies it again;
+  folded into the head's weights, so nothing downstream applies it again;
 - `cam` (N x h x w): the class-activation map of the feature map that feeds global average pooling,
-  in calibrated logit units (positive: towards pneumonia). Its mean plus the folded bias is the logit,
-  and with global average pooling followed by one dense unit it equals Grad-CAM up to normalisation
-  (tested against `pipeline.gradcam`);
+  in calibrated logit units (positive: towards pneumonia), the mirror's map mirrored back and averaged.
+  Its mean plus the folded bias is the logit, and with global average pooling followed by one dense unit
+  it equals Grad-CAM up to normalisation (tested against `pipeline.gradcam`);
+- `probability_viral` (N): the calibrated probability that a pneumonia is viral (`decision.subtype_calibration`
+  folded in, as for `probability`);
+- `orientation` (N x 8): the probability of each of `serving.orientation.ORIENTATIONS`, from the image as
+  given (not averaged with its mirror: it has to tell them apart);
 - `ood_score` (N), when an input gate is given: over the gate's layers, the sum of each layer's squared
   Mahalanobis distance (per feature) from its globally pooled output to the nearer class mean (tied
   covariance, fitted on the training images; `pipeline.ood`).
@@ -22,7 +28,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from serving.decision import CAM_OUTPUT, INPUT_NAME, OOD_OUTPUT, PROBABILITY_OUTPUT, Decision, write
+from pipeline.model import ORIENTATION_OUTPUT_NAME, OUTPUT_NAME, SUBTYPE_OUTPUT_NAME
+from serving.decision import (
+    CAM_OUTPUT,
+    INPUT_NAME,
+    OOD_OUTPUT,
+    ORIENTATION_OUTPUT,
+    PROBABILITY_OUTPUT,
+    VIRAL_OUTPUT,
+    Decision,
+    write,
+)
+from serving.orientation import ORIENTATIONS
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +65,22 @@ def feature_map(keras_model: keras.Model):
         raise ArtefactError(f"the model has no '{POOLING_LAYER}' layer: not this project's CNN") from error
 
 
-def _head(keras_model: keras.Model) -> keras.layers.Dense:
-    head = keras_model.layers[-1]
-    if not (isinstance(head, keras.layers.Dense) and head.units == 1):
-        raise ArtefactError("the model must end in one dense unit")
+def _head(keras_model: keras.Model, name: str = OUTPUT_NAME, units: int = 1) -> keras.layers.Dense:
+    try:
+        head = keras_model.get_layer(name)
+    except ValueError as error:
+        raise ArtefactError(f"the model has no '{name}' head: not this project's CNN") from error
+    if not (isinstance(head, keras.layers.Dense) and head.units == units):
+        raise ArtefactError(f"the '{name}' head must be a dense layer of {units} units")
     return head
 
 
-def calibrated_head(keras_model: keras.Model, temperature: float, bias: float) -> tuple[np.ndarray, float]:
-    """(weights, bias) of the last dense unit with sigmoid(logit / temperature + bias) folded in."""
+def calibrated_head(keras_model: keras.Model, temperature: float, bias: float,
+                    name: str = OUTPUT_NAME) -> tuple[np.ndarray, float]:
+    """(weights, bias) of a one-unit head with sigmoid(logit / temperature + bias) folded in."""
     if not temperature > 0:
         raise ArtefactError(f"temperature must be positive, got {temperature}")
-    kernel, dense_bias = (np.asarray(value, dtype=np.float64) for value in _head(keras_model).get_weights())
+    kernel, dense_bias = (np.asarray(value, dtype=np.float64) for value in _head(keras_model, name).get_weights())
     return kernel[:, 0] / temperature, float(dense_bias[0] / temperature + bias)
 
 
@@ -87,30 +108,44 @@ class Gate:
 
 
 def serving_function(keras_model: keras.Model, temperature: float = 1.0, bias: float = 0.0,
-                     gate: Gate | None = None):
+                     gate: Gate | None = None, subtype_calibration: tuple[float, float] = (1.0, 0.0)):
     """The traced inference function the ONNX graph is converted from (also used to check it)."""
     size = int(keras_model.input_shape[1])
     gated = gate.layers if gate else ()
     features = keras.Model(keras_model.inputs,
                            [feature_map(keras_model), *(keras_model.get_layer(g.layer).output for g in gated)])
-    weights, folded_bias = calibrated_head(keras_model, temperature, bias)
     # Plain NumPy values, so the trace embeds them as constants rather than capturing graph inputs.
-    weights, folded_bias = weights.astype(np.float32), np.float32(folded_bias)
+    weights, folded_bias = (np.float32(value) for value in calibrated_head(keras_model, temperature, bias))
+    viral_weights, viral_bias = (np.float32(value) for value in
+                                 calibrated_head(keras_model, *subtype_calibration, name=SUBTYPE_OUTPUT_NAME))
+    orientation_weights, orientation_bias = (
+        np.float32(value) for value in _head(keras_model, ORIENTATION_OUTPUT_NAME, len(ORIENTATIONS)).get_weights())
     constants = [(g.means.astype(np.float32), g.precision_factor.astype(np.float32), np.float32(g.means.shape[1]))
                  for g in gated]
 
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 1], tf.float32, name=INPUT_NAME)])
     def serve(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
-        outputs = features(pixels, training=False)
+        count = tf.shape(pixels)[0]
+        # The image and its mirror in one batch: the diagnosis averages both, orientation reads the first.
+        outputs = features(tf.concat([pixels, tf.reverse(pixels, axis=[2])], axis=0), training=False)
         maps, *layer_outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        cam = tf.tensordot(maps, weights, axes=[[3], [0]])
-        logit = tf.reduce_mean(cam, axis=[1, 2]) + folded_bias
-        results = {PROBABILITY_OUTPUT: tf.sigmoid(logit), CAM_OUTPUT: cam}
+        both_cams = tf.tensordot(maps, weights, axes=[[3], [0]])
+        cam = (both_cams[:count] + tf.reverse(both_cams[count:], axis=[2])) / 2.0
+        pooled = tf.reduce_mean(maps, axis=[1, 2])
+        viral_logit = tf.tensordot(pooled, viral_weights, axes=[[1], [0]]) + viral_bias
+        results = {
+            PROBABILITY_OUTPUT: tf.sigmoid(tf.reduce_mean(cam, axis=[1, 2]) + folded_bias),
+            CAM_OUTPUT: cam,
+            VIRAL_OUTPUT: tf.sigmoid((viral_logit[:count] + viral_logit[count:]) / 2.0),
+            ORIENTATION_OUTPUT: tf.nn.softmax(pooled[:count] @ orientation_weights + orientation_bias),
+        }
         if constants:
-            results[OOD_OUTPUT] = tf.add_n([_distance(output, *values) for output, values in zip(layer_outputs, constants)])
+            results[OOD_OUTPUT] = tf.add_n([_distance(output[:count], *values)
+                                            for output, values in zip(layer_outputs, constants)])
         return results
 
     return serve
+
 
 
 def _distance(layer_output: tf.Tensor, means: np.ndarray, factor: np.ndarray, width: np.float32) -> tf.Tensor:
@@ -129,9 +164,10 @@ def build(keras_model: keras.Model, decision: Decision, gate: Gate | None = None
     if (gate is None) != (not decision.ood):
         raise ArtefactError("an input gate and its limit (decision.ood) go together")
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
-    calibration = decision.calibration or {}
+    calibration, subtype = decision.calibration or {}, decision.subtype_calibration or {}
     serve = serving_function(keras_model, float(calibration.get("temperature", 1.0)),
-                             float(calibration.get("bias", 0.0)), gate)
+                             float(calibration.get("bias", 0.0)), gate,
+                             (float(subtype.get("temperature", 1.0)), float(subtype.get("bias", 0.0))))
     proto, _ = tf2onnx.convert.from_function(serve, input_signature=serve.input_signature, opset=OPSET)
     _name_outputs(proto, serve)
     artefact = write(proto.SerializeToString(), decision)

@@ -1,5 +1,7 @@
 """Batch scoring on Apache Spark: `python -m pipeline.batch INPUT --output OUT [--master local[2]]
-[--model-uri URI]`. Writes Parquet with path, probability, label, threshold, model name and version, and error.
+[--model-uri URI]`. Writes Parquet with path, the prediction record (as the predict CLI's columns: probability
+of pneumonia, label, error, triage, subtype, probability that it is viral, note), threshold, model name and
+version.
 
 INPUT is a folder (searched recursively) or a glob of image files, read with Spark's `binaryFile` source,
 or a Parquet table with a binary column of image file bytes (`--format parquet`, or a path ending in
@@ -35,20 +37,20 @@ from pathlib import Path
 from typing import Any
 
 from serving.locations import TrackingUnavailableError, configure_tracking, production_uri
-from serving.pixels import MAX_FILE_BYTES
+from serving.pixels import IMAGE_SUFFIXES, MAX_FILE_BYTES
+from serving.runtime import RECORD_FIELDS, RECORD_TYPES
 
 log = logging.getLogger("pipeline.batch")
 
-OUTPUT_COLUMNS = ["path", "probability", "label", "threshold", "model_name", "model_version", "error"]
+OUTPUT_COLUMNS = ["path", *RECORD_FIELDS, "threshold", "model_name", "model_version"]
 # Files the folder reader scores: image extensions as in the predict CLI, plus names without an
 # extension (scanners often write DICOM files without one). Hidden files are skipped.
-IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "tif", "tiff", "bmp", "gif", "webp", "dcm", "dicom")
 IMAGE_NAME_PATTERN = rf"(?i)^[^.].*\.({'|'.join(IMAGE_SUFFIXES)})$|^[^.]+$"
 # Spark packs small files into one task up to this many bytes, counting each file as `openCostInBytes`
 # at least; the cost is set so that a task holds about --images-per-task small files.
 MAX_PARTITION_BYTES = 128 * 1024 * 1024
 DEFAULT_IMAGES_PER_TASK = 256
-RESULT_TYPE = "probability double, label string, threshold double, error string"
+RESULT_TYPE = ", ".join([*(f"{name} {RECORD_TYPES[name]}" for name in RECORD_FIELDS), "threshold double"])
 UNREADABLE = "the file could not be read: not scored"
 EMPTY = "the file is empty (or vanished while the job ran): not scored"
 TOO_LARGE = f"file is larger than the {MAX_FILE_BYTES // (1024 * 1024)} MB limit: not scored"
@@ -247,14 +249,13 @@ def score(spark, frame, model: ScoringModel, env_manager: str = "local"):
     # double field with astype(float64) (None -> NaN): back to nulls. Labels are class names and errors
     # sentences, never the bare word.
     def nullable(name: str):
-        value = F.col(f"result.{name}")
-        return F.when(value == "None", F.lit(None).cast("string")).otherwise(value).alias(name)
+        value, kind = F.col(f"result.{name}"), RECORD_TYPES[name]
+        missing = F.isnan(value) if kind == "double" else value == "None"
+        return F.when(missing, F.lit(None).cast(kind)).otherwise(value).alias(name)
 
-    probability = F.col("result.probability")
     return result.select(
-        "path", F.when(F.isnan(probability), F.lit(None).cast("double")).otherwise(probability).alias("probability"),
-        nullable("label"), "result.threshold", F.lit(model.name).alias("model_name"),
-        F.lit(model.version).alias("model_version"), nullable("error"))
+        "path", *(nullable(name) for name in RECORD_FIELDS), "result.threshold",
+        F.lit(model.name).alias("model_name"), F.lit(model.version).alias("model_version"))
 
 
 def add_missing(spark, found: Input, output: str, model: ScoringModel) -> int:
@@ -267,10 +268,11 @@ def add_missing(spark, found: Input, output: str, model: ScoringModel) -> int:
     length = F.col("length")
     error = (F.when(length.isNull(), F.lit(EMPTY)).when(length > MAX_FILE_BYTES, F.lit(TOO_LARGE))
              .otherwise(F.lit(UNREADABLE)))
+    empty = {name: F.lit(None).cast(RECORD_TYPES[name]).alias(name) for name in RECORD_FIELDS}
     rows = missing.select(
-        "path", F.lit(None).cast("double").alias("probability"), F.lit(None).cast("string").alias("label"),
+        "path", *(error.alias(name) if name == "error" else empty[name] for name in RECORD_FIELDS),
         F.lit(model.threshold).alias("threshold"), F.lit(model.name).alias("model_name"),
-        F.lit(model.version).alias("model_version"), error.alias("error")).cache()
+        F.lit(model.version).alias("model_version")).cache()
     count = rows.count()
     if count:
         rows.coalesce(1).write.mode("append").parquet(output)

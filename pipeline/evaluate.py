@@ -5,6 +5,13 @@ Calibration (`evaluate.calibration`) and the threshold (`evaluate.threshold_rule
 that fitted them is reported out of fold: cross-fitting by patient, so no figure is measured on the
 images that chose it. The others are measured once at the final threshold.
 
+The same split also fits the two heads beside the diagnosis, each reported out of fold there too:
+- the bacterial/viral head's calibration (Platt, on that split's pneumonia images whose kind is known);
+  a pneumonia is called VIRAL when its calibrated probability reaches 0.5 (the likelier kind);
+- triage: two thresholds around the decision threshold, the fewest X-rays sent to REVIEW while those
+  triaged NORMAL or PNEUMONIA reach `evaluate.triage_accuracy` and `evaluate.triage_sensitivity`.
+Errors are also broken down by subgroup (normal `IM-*` / `NORMAL2-*` files, bacterial / viral).
+
 Outputs: `models/calibrated.onnx` (the serving artefact, calibration folded in, the decision in its
 metadata; the ood stage adds the input gate), `reports/metrics.json` (headline figures: `dvc metrics show`), `reports/evaluation.json`
 (every metric with its CI), `reports/plots/` (DVC plots) and `reports/figures/` (PNGs, which need no CDN).
@@ -14,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +30,7 @@ import mlflow
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from pipeline.arrays import Split, has_split, load_split
+from pipeline.arrays import NO_SUBTYPE, Split, has_split, load_split
 from pipeline.common import read_json, setup_logging, stage_errors, write_json
 from pipeline.metrics import (
     apply_temperature,
@@ -31,15 +38,18 @@ from pipeline.metrics import (
     choose_threshold,
     expected_calibration_error,
     fit_calibration,
+    fit_triage,
     metrics_with_ci,
     pr_points,
     roc_points,
+    triage_metrics,
 )
 from pipeline.params import EvaluateParams, ParamsError, stage_params
 from pipeline.paths import (
     CALIBRATED_FILE,
     EVALUATION_FILE,
     FIGURES_DIR,
+    MANIFEST_FILE,
     METRICS_FILE,
     MODEL_FILE,
     PLOTS_DIR,
@@ -48,7 +58,7 @@ from pipeline.paths import (
 )
 from pipeline.registry import TrackingUnavailableError, configure_tracking
 from serving.decision import CLASS_NAMES, Decision
-from serving.runtime import ServingArtefact
+from serving.runtime import Scores, ServingArtefact
 
 matplotlib.use("Agg")  # files only, no display
 from matplotlib import pyplot as plt
@@ -62,15 +72,21 @@ HEADLINE = {
     "test": ("roc_auc", "accuracy", "sensitivity", "specificity"),
     "val": ("roc_auc",),
 }
+SUBTYPE_HEADLINE = ("roc_auc", "accuracy")
+TRIAGE_HEADLINE = ("review_share", "decided_accuracy", "decided_sensitivity")
+# The calibrated probability at which a pneumonia is called VIRAL: the likelier of the two kinds.
+SUBTYPE_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
 class Fit:
-    """Calibration and threshold fitted on one set of labelled raw scores."""
+    """Calibration, threshold and triage band fitted on one set of labelled raw scores."""
 
     temperature: float
     bias: float
     threshold: float
+    normal_below: float
+    pneumonia_from: float
 
     def calibrate(self, raw: np.ndarray) -> np.ndarray:
         return apply_temperature(raw, self.temperature, self.bias)
@@ -80,47 +96,123 @@ def fit_decision(labels: np.ndarray, raw: np.ndarray, params: EvaluateParams) ->
     temperature, bias = fit_calibration(labels, raw, params.calibration)
     calibrated = apply_temperature(raw, temperature, bias)
     threshold = choose_threshold(labels, calibrated, params.threshold_rule, params.target_sensitivity)
-    return Fit(temperature, bias, threshold)
+    band = fit_triage(labels, calibrated, threshold, params.triage_accuracy, params.triage_sensitivity)
+    return Fit(temperature, bias, threshold, *band)
 
 
-def cross_fitted(split: Split, raw: np.ndarray, params: EvaluateParams, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold (calibrated probabilities, thresholds): each patient's images are calibrated and judged
-    by a fit on the other folds' patients only."""
+@dataclass(frozen=True)
+class Reported:
+    """One split's figures as reported: calibrated probabilities and, per image, the threshold and triage
+    band that judged it (out of fold on the split that fitted them) and the calibrated viral probability."""
+
+    probabilities: np.ndarray
+    thresholds: np.ndarray
+    normal_below: np.ndarray
+    pneumonia_from: np.ndarray
+    viral: np.ndarray
+
+
+def _folds(labels: np.ndarray, groups: np.ndarray, params: EvaluateParams, seed: int):
     folds = StratifiedGroupKFold(n_splits=params.cross_fit_folds, shuffle=True, random_state=seed)
-    probabilities, thresholds = np.zeros(len(split)), np.zeros(len(split))
-    for fitted_on, held_out in folds.split(raw, split.labels, groups=split.patients):
+    return folds.split(labels, labels, groups=groups)
+
+
+def cross_fitted(split: Split, raw: np.ndarray, params: EvaluateParams, seed: int) -> Reported:
+    """Out-of-fold figures: each patient's images are calibrated, thresholded and triaged by a fit on the
+    other folds' patients only (the viral calibration is cross-fitted apart, see `cross_fitted_viral`)."""
+    values = {name: np.zeros(len(split)) for name in ("probabilities", "thresholds", "normal_below", "pneumonia_from")}
+    for fitted_on, held_out in _folds(split.labels, split.patients, params, seed):
         fit = fit_decision(split.labels[fitted_on], raw[fitted_on], params)
-        probabilities[held_out] = fit.calibrate(raw[held_out])
-        thresholds[held_out] = fit.threshold
-    return probabilities, thresholds
+        values["probabilities"][held_out] = fit.calibrate(raw[held_out])
+        values["thresholds"][held_out] = fit.threshold
+        values["normal_below"][held_out] = fit.normal_below
+        values["pneumonia_from"][held_out] = fit.pneumonia_from
+    return Reported(**values, viral=np.zeros(len(split)))
 
 
-def evaluate(raw_scores: dict[str, np.ndarray], splits: dict[str, Split], params: EvaluateParams,
-             seed: int) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """(the report, each split's reported (probabilities, thresholds))."""
+def fit_viral(split: Split, raw_viral: np.ndarray) -> tuple[float, float]:
+    """Platt scaling of the viral head on the split's pneumonia images whose kind is known."""
+    known = split.subtypes != NO_SUBTYPE
+    return fit_calibration(split.subtypes[known], raw_viral[known], "platt")
+
+
+def cross_fitted_viral(split: Split, raw_viral: np.ndarray, params: EvaluateParams, seed: int) -> np.ndarray:
+    """Out-of-fold calibrated viral probabilities (grouped by patient, stratified by kind); raw elsewhere."""
+    calibrated = raw_viral.copy()
+    known = np.flatnonzero(split.subtypes != NO_SUBTYPE)
+    kinds, patients = split.subtypes[known], split.patients[known]
+    for fitted_on, held_out in _folds(kinds, patients, params, seed):
+        temperature, bias = fit_calibration(kinds[fitted_on], raw_viral[known[fitted_on]], "platt")
+        calibrated[known[held_out]] = apply_temperature(raw_viral[known[held_out]], temperature, bias)
+    return calibrated
+
+
+def evaluate(raw_scores: dict[str, Scores], splits: dict[str, Split], params: EvaluateParams,
+             seed: int) -> tuple[dict[str, Any], dict[str, Reported]]:
+    """(the report, each split's reported figures)."""
     chosen = params.calibration_split
     if chosen not in splits:
         raise ParamsError(f"evaluate.calibration_split is {chosen}, but there is no {chosen} split: configure "
                           "data.external (or `make repro EXTERNAL=...`), or fit on val")
-    final = fit_decision(splits[chosen].labels, raw_scores[chosen], params)
+    final = fit_decision(splits[chosen].labels, raw_scores[chosen].probability, params)
+    viral_fit = fit_viral(splits[chosen], raw_scores[chosen].viral)
     report: dict[str, Any] = {"threshold": round(final.threshold, 6), "threshold_rule": params.threshold_rule,
                               "calibration": params.calibration, "calibration_split": chosen,
                               "temperature": round(final.temperature, 4), "calibration_bias": round(final.bias, 4),
+                              "subtype_calibration": {"method": "platt", "temperature": round(viral_fit[0], 4),
+                                                      "bias": round(viral_fit[1], 4), "fitted_on": chosen},
+                              "triage": {"normal_below": round(final.normal_below, 6),
+                                         "pneumonia_from": round(final.pneumonia_from, 6),
+                                         "target_accuracy": params.triage_accuracy,
+                                         "target_sensitivity": params.triage_sensitivity, "fitted_on": chosen},
                               "splits": {}}
     reported = {}
     for name, split in splits.items():
+        raw = raw_scores[name]
         if name == chosen:
-            probabilities, thresholds = cross_fitted(split, raw_scores[name], params, seed)
+            figures = replace(cross_fitted(split, raw.probability, params, seed),
+                              viral=cross_fitted_viral(split, raw.viral, params, seed))
         else:
-            probabilities, thresholds = final.calibrate(raw_scores[name]), np.full(len(split), final.threshold)
-        reported[name] = (probabilities, thresholds)
-        report["splits"][name] = {
-            "images": len(split), "patients": len(set(split.patients.tolist())),
-            "out_of_fold": name == chosen,
-            "ece_uncalibrated": round(expected_calibration_error(split.labels, raw_scores[name]), 4),
-            "metrics": metrics_with_ci(split.labels, probabilities, thresholds, params.bootstrap_resamples, seed),
-        }
+            figures = Reported(final.calibrate(raw.probability), *(np.full(len(split), value) for value in
+                               (final.threshold, final.normal_below, final.pneumonia_from)),
+                               viral=apply_temperature(raw.viral, *viral_fit))
+        reported[name] = figures
+        report["splits"][name] = split_report(split, raw.probability, figures, name == chosen, params, seed)
     return report, reported
+
+
+def split_report(split: Split, raw: np.ndarray, figures: Reported, out_of_fold: bool, params: EvaluateParams,
+                 seed: int) -> dict[str, Any]:
+    known = split.subtypes != NO_SUBTYPE
+    return {
+        "images": len(split), "patients": len(set(split.patients.tolist())), "out_of_fold": out_of_fold,
+        "ece_uncalibrated": round(expected_calibration_error(split.labels, raw), 4),
+        "metrics": metrics_with_ci(split.labels, figures.probabilities, figures.thresholds,
+                                   params.bootstrap_resamples, seed),
+        # Bacterial (0) or viral (1), among the pneumonia images whose kind is known.
+        "subtype": {"images": int(known.sum()),
+                    "metrics": metrics_with_ci(split.subtypes[known], figures.viral[known], SUBTYPE_THRESHOLD,
+                                               params.bootstrap_resamples, seed)},
+        "triage": triage_metrics(split.labels, figures.probabilities, figures.normal_below, figures.pneumonia_from),
+    }
+
+
+def subgroups(split: Split, figures: Reported, files: list[str]) -> dict[str, dict[str, Any]]:
+    """Images and the share called PNEUMONIA at the reported thresholds, per subgroup: normal `IM-*` and
+    `NORMAL2-IM-*` files (two batches of normals), bacterial and viral pneumonia."""
+    called = figures.probabilities >= figures.thresholds
+    normal2 = np.array([Path(name).name.upper().startswith("NORMAL2-") for name in files], dtype=bool)
+    groups = {"normal_IM": (split.labels == 0) & ~normal2, "normal_NORMAL2": (split.labels == 0) & normal2,
+              "bacterial": split.subtypes == 0, "viral": split.subtypes == 1}
+    return {name: {"images": int(members.sum()),
+                   "called_pneumonia": round(float(called[members].mean()), 4) if members.any() else None}
+            for name, members in groups.items()}
+
+
+def split_files(name: str) -> list[str]:
+    """The files of a prepared split, in the order of its arrays (the manifest keeps that order)."""
+    with MANIFEST_FILE.open(encoding="utf-8", newline="") as handle:
+        return [row["file"] for row in csv.DictReader(handle) if row["split"] == name]
 
 
 def headline(report: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +221,10 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
         if split in report["splits"]:
             metrics = report["splits"][split]["metrics"]
             figures[split] = {name: metrics[name]["value"] for name in names}
+    chosen = report["splits"].get(report["calibration_split"])
+    if chosen is not None:
+        figures["subtype"] = {name: chosen["subtype"]["metrics"][name]["value"] for name in SUBTYPE_HEADLINE}
+        figures["triage"] = {name: chosen["triage"][name] for name in TRIAGE_HEADLINE}
     return figures
 
 
@@ -140,6 +236,8 @@ def build_decision(report: dict[str, Any], params: EvaluateParams, keras_model,
         input_size=int(keras_model.input_shape[1]), crop=crop,
         calibration={"method": params.calibration, "temperature": report["temperature"],
                      "bias": report["calibration_bias"], "fitted_on": report["calibration_split"]},
+        subtype_threshold=SUBTYPE_THRESHOLD, subtype_calibration=report["subtype_calibration"],
+        triage={**report["triage"], "rule": "fewest_reviews"},
         training_commit=run.get("git_commit", "unknown"), trained_at=run.get("trained_at"),
         run_id=run["run_id"], data_digest=run["data_digest"],
         metrics={split: values["metrics"] for split, values in report["splits"].items()},
@@ -217,12 +315,18 @@ def _save(figure: Any, path: Path) -> Path:
 def log_to_training_run(report: dict[str, Any], figures: list[Path]) -> None:
     run_id = read_json(RUN_FILE)["run_id"]
     flat = {"decision_threshold": report["threshold"], "temperature": report["temperature"],
-            "calibration_bias": report["calibration_bias"]}
+            "calibration_bias": report["calibration_bias"], "triage_normal_below": report["triage"]["normal_below"],
+            "triage_pneumonia_from": report["triage"]["pneumonia_from"]}
     for split, values in report["splits"].items():
-        for name, metric in values["metrics"].items():
-            for key, value in metric.items():
-                if value is not None:
-                    flat[f"{split}_{name}" + ("" if key == "value" else f"_{key}")] = value
+        for prefix, metrics in ((split, values["metrics"]), (f"{split}_subtype", values["subtype"]["metrics"])):
+            for name, metric in metrics.items():
+                for key, value in metric.items():
+                    if value is not None:
+                        flat[f"{prefix}_{name}" + ("" if key == "value" else f"_{key}")] = value
+        flat.update({f"{split}_triage_{name}": value for name, value in values["triage"].items() if value is not None})
+    for split, groups in report.get("subgroups", {}).items():
+        flat.update({f"{split}_{group}_called_pneumonia": figures["called_pneumonia"]
+                     for group, figures in groups.items() if figures["called_pneumonia"] is not None})
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(flat)
         mlflow.set_tags({"threshold_rule": report["threshold_rule"], "calibration_split": report["calibration_split"]})
@@ -244,8 +348,9 @@ def run(seed: int, params: EvaluateParams) -> dict[str, Any]:
     # The same ONNX graph as the final artefact, before calibration: evaluation scores what is served.
     uncalibrated = ServingArtefact(artefact.build(keras_model, Decision(0.5, "none", size, crop=crop)), "uncalibrated")
     splits = {name: load_split(name) for name in SPLITS if has_split(name)}
-    raw_scores = {name: uncalibrated.probabilities(split.images) for name, split in splits.items()}
+    raw_scores = {name: uncalibrated.scores(split.images) for name, split in splits.items()}
     report, reported = evaluate(raw_scores, splits, params, seed)
+    report["subgroups"] = {name: subgroups(splits[name], reported[name], split_files(name)) for name in splits}
     report["train"] = read_json(TRAIN_SUMMARY_FILE)
     decision = build_decision(report, params, keras_model, crop)
     CALIBRATED_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +360,7 @@ def run(seed: int, params: EvaluateParams) -> dict[str, Any]:
     figures = []
     for name in ("external", "test"):
         if name in splits:
-            probabilities, thresholds = reported[name]
+            probabilities, thresholds = reported[name].probabilities, reported[name].thresholds
             write_plot_data(splits[name].labels, probabilities, thresholds, PLOTS_DIR / name)
             figures += draw_figures(name, splits[name].labels, probabilities, thresholds,
                                     report["splits"][name]["metrics"], FIGURES_DIR,

@@ -2,7 +2,8 @@
 
 Serving never runs this: the artefact's `cam` output is the class-activation map of the feature map that
 feeds global average pooling, which for this network (pooling, then one dense unit) equals Grad-CAM up to
-normalisation. `tests/test_artefact.py` checks that on real images.
+normalisation. `tests/test_artefact.py` checks that on real images. As served, the logit is the mean of
+the image's and its mirror's, so the map is Grad-CAM of that mean: each view's map, in the image's frame.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.artefact import feature_map
+from pipeline.model import OUTPUT_NAME
 
 
 class GradCam:
@@ -19,9 +21,9 @@ class GradCam:
     sigmoid saturates to exactly 1.0 in float32, and its gradient to zero)."""
 
     def __init__(self, keras_model: keras.Model) -> None:
-        head = keras_model.layers[-1]
+        head = keras_model.get_layer(OUTPUT_NAME)
         if not (isinstance(head, keras.layers.Dense) and head.units == 1):
-            raise ValueError("Grad-CAM here needs a model ending in one dense unit")
+            raise ValueError("Grad-CAM here needs a pneumonia head of one dense unit")
         self._head = head
         self._model = keras.Model(keras_model.inputs, [feature_map(keras_model), head.input])
         size = int(keras_model.input_shape[1])
@@ -29,14 +31,17 @@ class GradCam:
         self._cams = tf.function(self._cam_batch, input_signature=[spec, tf.TensorSpec([], tf.float32)])
 
     def _cam_batch(self, batch: tf.Tensor, sign: tf.Tensor) -> tf.Tensor:
+        count = tf.shape(batch)[0]
         with tf.GradientTape() as tape:
-            maps, features = self._model(batch, training=False)
+            maps, features = self._model(tf.concat([batch, tf.reverse(batch, axis=[2])], axis=0), training=False)
             tape.watch(maps)
             logit = tf.matmul(features, self._head.kernel) + self._head.bias
-            target = tf.reduce_sum(sign * logit)  # one image's logit depends only on its own maps
+            served = (logit[:count] + logit[count:]) / 2.0
+            target = tf.reduce_sum(sign * served)  # one image's logit depends only on its own maps
         grads = tape.gradient(target, maps)
-        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # one weight per channel
-        cams = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1))
+        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # one weight per channel and view
+        views = tf.reduce_sum(weights * maps, axis=-1)
+        cams = tf.nn.relu(views[:count] + tf.reverse(views[count:], axis=[2]))
         peak = tf.reduce_max(cams, axis=(1, 2), keepdims=True)
         return tf.math.divide_no_nan(cams, peak)
 

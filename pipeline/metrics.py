@@ -187,3 +187,46 @@ def _fit_logistic(labels: np.ndarray, probabilities: np.ndarray, with_bias: bool
     result = minimize(negative_log_likelihood, x0=np.zeros(2), method="L-BFGS-B",
                       bounds=[(np.log(0.05), np.log(20.0)), bias_bounds])
     return float(np.exp(result.x[0])), float(result.x[1])
+
+
+def fit_triage(labels: np.ndarray, probabilities: np.ndarray, threshold: float, accuracy: float,
+               sensitivity: float) -> tuple[float, float]:
+    """(normal_below, pneumonia_from) around `threshold` that leave the fewest images to REVIEW while the
+    images triaged NORMAL (p < normal_below) or PNEUMONIA (p >= pneumonia_from) reach `accuracy` and, among
+    the pneumonia images decided, `sensitivity`. (0, 1) sends everything to review when nothing reaches it."""
+    labels = np.asarray(labels).astype(int)
+    lows = np.unique(np.append(probabilities[probabilities <= threshold], threshold))
+    above = probabilities[probabilities >= threshold]
+    highs = np.unique(np.concatenate([above, [threshold, min(1.0, float(above.max(initial=threshold)) + 1e-9)]]))
+    # Per candidate: counts of normals and pneumonias below each low / at or above each high.
+    normal_low = (probabilities[labels == 0][None, :] < lows[:, None]).sum(axis=1)
+    missed_low = (probabilities[labels == 1][None, :] < lows[:, None]).sum(axis=1)
+    caught_high = (probabilities[labels == 1][None, :] >= highs[:, None]).sum(axis=1)
+    false_high = (probabilities[labels == 0][None, :] >= highs[:, None]).sum(axis=1)
+    correct = normal_low[:, None] + caught_high[None, :]
+    decided = correct + missed_low[:, None] + false_high[None, :]
+    positives = caught_high[None, :] + missed_low[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        good = ((decided > 0) & (correct >= accuracy * decided)
+                & ((positives == 0) | (caught_high[None, :] >= sensitivity * positives)))
+    if not good.any():
+        return 0.0, 1.0
+    low, high = np.unravel_index(np.argmax(np.where(good, decided, -1)), good.shape)
+    return float(lows[low]), float(highs[high])
+
+
+def triage_metrics(labels: np.ndarray, probabilities: np.ndarray, normal_below: float | np.ndarray,
+                   pneumonia_from: float | np.ndarray) -> dict[str, float | None]:
+    """The share sent to REVIEW, and accuracy, sensitivity and specificity among the images decided
+    (bounds are one value, or one per image for out-of-fold figures)."""
+    labels = np.asarray(labels).astype(int)
+    normal, pneumonia = probabilities < normal_below, probabilities >= pneumonia_from
+    decided = normal | pneumonia
+    true_pos, true_neg = np.sum(pneumonia & (labels == 1)), np.sum(normal & (labels == 0))
+    figures = {
+        "review_share": _ratio(np.sum(~decided), len(labels)),
+        "decided_accuracy": _ratio(true_pos + true_neg, np.sum(decided)),
+        "decided_sensitivity": _ratio(true_pos, np.sum(decided & (labels == 1))),
+        "decided_specificity": _ratio(true_neg, np.sum(decided & (labels == 0))),
+    }
+    return {name: _rounded(value) for name, value in figures.items()}

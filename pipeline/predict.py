@@ -1,5 +1,7 @@
 """Score image files and folders with a registered model: `python -m pipeline.predict PATH... [--model-uri
-URI] [--output CSV]`. Writes path, probability of pneumonia and label at the model's registered threshold.
+URI] [--output CSV]`. Writes path, probability of pneumonia, label at the model's registered threshold and
+error, then triage (NORMAL, PNEUMONIA or REVIEW), subtype (BACTERIAL or VIRAL for a PNEUMONIA), probability
+that it is viral, and a note when the X-ray was put back upright before scoring.
 
 It runs the serving artefact (`serving.runtime`, no TensorFlow), so it accepts, refuses and labels files
 exactly as the app and the MLflow model do. Exit status: 0 all files scored; 1 some files could not be
@@ -15,14 +17,14 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from serving.pixels import DICOM_MAGIC_OFFSET, is_dicom
-from serving.runtime import Predictor
+from serving.pixels import DICOM_MAGIC_OFFSET, IMAGE_SUFFIXES, is_dicom
+from serving.runtime import RECORD_FIELDS, Predictor
 from serving.store import ModelUnavailableError, TrackingUnavailableError, load_artefact, production_uri
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".dcm", ".dicom"}
-COLUMNS = ["path", "probability_pneumonia", "label", "error"]
+# The first four are the contract models are evaluated by from outside; new columns only ever go after them.
+COLUMNS = ["path", *RECORD_FIELDS]
 
 
 def expand_paths(arguments: list[str]) -> list[Path]:
@@ -43,7 +45,7 @@ def expand_paths(arguments: list[str]) -> list[Path]:
 
 
 def _looks_like_image(path: Path) -> bool:
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower().lstrip(".") in IMAGE_SUFFIXES:
         return True
     if path.suffix or path.name.startswith("."):
         return False
@@ -58,8 +60,13 @@ def write_csv(predictions: list, handle: TextIO) -> None:
     writer = csv.writer(handle)
     writer.writerow(COLUMNS)
     for prediction in predictions:
-        probability = "" if prediction.probability is None else f"{prediction.probability:.6f}"
-        writer.writerow([prediction.name, probability, prediction.label or "", prediction.error or ""])
+        writer.writerow([prediction.name, *(_cell(value) for value in prediction.record().values())])
+
+
+def _cell(value: float | str | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6f}" if isinstance(value, float) else value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

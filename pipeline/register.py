@@ -77,6 +77,24 @@ def next_version(client: MlflowClient) -> str:
     return str(max((int(v.version) for v in versions), default=0) + 1)
 
 
+def serving_modules(entry: Path = PYFUNC_CODE) -> list[Path]:
+    """The serving package's modules the pyfunc needs: `entry` and what it imports, transitively. The
+    logged model carries only these (the scoring core), never the app's or the browser page's modules."""
+    import ast
+
+    needed, queue = set(), [entry]
+    while queue:
+        module = queue.pop()
+        if module in needed:
+            continue
+        needed.add(module)
+        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == SERVING_PACKAGE.name:
+                names = [node.module.split(".", 1)[1]] if "." in node.module else [a.name for a in node.names]
+                queue += [SERVING_PACKAGE / f"{name}.py" for name in names if (SERVING_PACKAGE / f"{name}.py").is_file()]
+    return sorted(needed | {SERVING_PACKAGE / "__init__.py"})
+
+
 def log_serving_model(run_id: str, artefact_path: Path) -> str:
     """The pyfunc around the artefact, logged in the training run; returns its model URI."""
     import numpy
@@ -88,7 +106,7 @@ def log_serving_model(run_id: str, artefact_path: Path) -> str:
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as scratch:
         package = Path(scratch) / SERVING_PACKAGE.name
         package.mkdir()
-        for module in SERVING_PACKAGE.glob("*.py"):  # the Python package only: not the web page's assets
+        for module in serving_modules():
             shutil.copy2(module, package / module.name)
         info = mlflow.pyfunc.log_model(
             name=SERVING_MODEL_NAME, python_model=str(PYFUNC_CODE), artifacts={ARTEFACT_KEY: str(artefact_path)},

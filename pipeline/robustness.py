@@ -5,6 +5,10 @@ to the pixels of every evaluated split (validation, carved test, external); the 
 its calibration and threshold, is scored as it will be served, and the share of shifted X-rays its input
 gate would refuse is reported beside the metrics (which count every image). Outputs `reports/robustness.json` (a
 report, not a DVC metric: it has a row per shift and split) and `reports/robustness.png`.
+
+Under `served`, the external set's X-rays go through the whole serving path (`serving.runtime.Predictor`:
+checks, orientation, gate) turned by 90, 180 and 270 degrees, mirrored, and with sensor noise: the share
+of copies scored, the share whose label differs from the upright image's, and the accuracy of those scored.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from pipeline.common import setup_logging, stage_errors, write_json
 from pipeline.metrics import point_metrics
 from pipeline.params import RobustnessParams, stage_params
 from pipeline.paths import ARTEFACT_FILE, ROBUSTNESS_FIGURE, ROBUSTNESS_FILE
-from serving.runtime import ServingArtefact
+from serving.decision import CLASS_NAMES
+from serving.orientation import ORIENTATIONS, UPRIGHT, orient
+from serving.runtime import Prediction, Predictor, ServingArtefact
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt
@@ -124,9 +130,51 @@ def _reported(metrics: dict[str, float]) -> dict[str, float]:
     return {key: round(float(metrics[key]), 4) for key in REPORTED}
 
 
+def served(model: ServingArtefact, images: np.ndarray, labels: np.ndarray, noise_sigmas: list[float],
+           seed: int) -> dict[str, Any]:
+    """Copies of `images` in every orientation and with each noise level, through the serving path, compared
+    with the upright images' own results."""
+    predictor = Predictor(model)
+    upright = _served(predictor, images)
+    copies = {name: np.stack([orient(image, index) for image in images])
+              for index, name in enumerate(ORIENTATIONS) if index != UPRIGHT}
+    rng = np.random.default_rng(seed)
+    copies.update({f"noise sigma {sigma:g}": noise(sigma)(images, rng) for sigma in noise_sigmas})
+    report = {"upright": _agreement(upright, upright, labels)}
+    for name, shifted in copies.items():
+        report[name] = _agreement(_served(predictor, shifted), upright, labels)
+        log.info("served, %-45s %s", name, report[name])
+    return report
+
+
+def _served(predictor: Predictor, images: np.ndarray) -> list[Prediction]:
+    return predictor.predict((str(index), _png(image)) for index, image in enumerate(images))
+
+
+def _png(image: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _agreement(results: list[Prediction], upright: list[Prediction], labels: np.ndarray) -> dict[str, Any]:
+    scored = np.array([result.scored for result in results])
+    both = scored & np.array([result.scored for result in upright])
+    differs = [results[i].label != upright[i].label for i in np.flatnonzero(both)]
+    correct = [results[i].label == CLASS_NAMES[labels[i]] for i in np.flatnonzero(scored)]
+    return {"scored": round(float(scored.mean()), 4), "label_differs_from_upright": _share(differs),
+            "accuracy_of_scored": _share(correct), "put_upright": _share([r.note is not None for r in results])}
+
+
+def _share(flags: list[bool]) -> float | None:
+    return round(float(np.mean(flags)), 4) if flags else None
+
+
 def draw(report: dict[str, Any], path: Any) -> None:
     """Specificity and sensitivity of each split under each shift, at the registered threshold."""
-    splits = [split for split in SPLITS if split in report]
+    splits = [split for split in SPLITS if split in report and split != "served"]
     shifts = ["none", *report[splits[0]]["shifts"]]
     figure, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(shifts) + 1.5), sharey=True)
     for axis, metric in zip(axes, ("specificity", "sensitivity")):
@@ -150,6 +198,10 @@ def run(seed: int, params: RobustnessParams) -> dict[str, Any]:
             data = load_split(split)
             report[split] = measure(model, data.images, data.labels, shifts, seed)
             log.info("%s: worst change under shift %s", split, report[split]["worst_change"])
+    served_split = "external" if has_split("external") else "val"
+    data = load_split(served_split)
+    report["served"] = {"split": served_split,
+                        **served(model, data.images, data.labels, params.noise_sigma, seed)}
     write_json(ROBUSTNESS_FILE, report)
     draw(report, ROBUSTNESS_FIGURE)
     return report

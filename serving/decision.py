@@ -11,14 +11,18 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-FORMAT = 1
+FORMAT = 2
 METADATA_KEY = "pneumonia_screening.decision"
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+SUBTYPE_NAMES = ("BACTERIAL", "VIRAL")
+REVIEW = "REVIEW"
 # The artefact's tensors, also read by the browser page.
 INPUT_NAME = "pixels"
 PROBABILITY_OUTPUT = "probability"
 CAM_OUTPUT = "cam"
 OOD_OUTPUT = "ood_score"
+VIRAL_OUTPUT = "probability_viral"
+ORIENTATION_OUTPUT = "orientation"
 
 
 class DecisionError(ValueError):
@@ -51,6 +55,15 @@ class Decision:
     images: dict[str, int] = field(default_factory=dict)
     # The out-of-distribution gate: score name and the limit above which an image is refused.
     ood: dict[str, Any] = field(default_factory=dict)
+    # A pneumonia is called VIRAL when its calibrated probability of being viral reaches this.
+    subtype_threshold: float = 0.5
+    # What calibrated the viral output (folded into the graph, as for `calibration`).
+    subtype_calibration: dict[str, Any] = field(default_factory=dict)
+    # Triage: NORMAL below `normal_below`, PNEUMONIA from `pneumonia_from`, REVIEW between; with the rule and
+    # targets that fitted them. Empty: no triage (every scored X-ray is triaged by its label).
+    triage: dict[str, Any] = field(default_factory=dict)
+    # An X-ray is turned back upright when the orientation output gives its orientation at least this.
+    orientation_confidence: float = 0.9
     format: int = FORMAT
 
     def __post_init__(self) -> None:
@@ -60,9 +73,47 @@ class Decision:
             raise DecisionError(f"input size {self.input_size} is too small")
         if not 0.5 <= self.crop <= 1.0:
             raise DecisionError(f"crop must be in [0.5, 1], got {self.crop}")
+        if not 0.0 <= self.subtype_threshold <= 1.0:
+            raise DecisionError(f"subtype threshold must be in [0, 1], got {self.subtype_threshold}")
+        if not 0.5 < self.orientation_confidence <= 1.0:
+            raise DecisionError(f"orientation confidence must be in (0.5, 1], got {self.orientation_confidence}")
+        if self.triage and not (self.triage["normal_below"] <= self.threshold <= self.triage["pneumonia_from"]):
+            raise DecisionError("the triage band must contain the threshold: "
+                                f"{self.triage['normal_below']} <= {self.threshold} <= {self.triage['pneumonia_from']}")
 
     def label(self, probability: float) -> str:
         return self.class_names[int(probability >= self.threshold)]
+
+    def triaged(self, probability: float) -> str:
+        """NORMAL, PNEUMONIA, or REVIEW for the uncertain middle (the label itself when there is no triage)."""
+        if not self.triage:
+            return self.label(probability)
+        if probability < self.triage["normal_below"]:
+            return self.class_names[0]
+        if probability >= self.triage["pneumonia_from"]:
+            return self.class_names[1]
+        return REVIEW
+
+    def orientation(self, probabilities) -> int | None:
+        """The orientation (index into `serving.orientation.ORIENTATIONS`) the orientation output gives with
+        at least `orientation_confidence`, or None when it is not that sure which way up the X-ray is.
+
+        The turn must be sure on its own (its probability summed over mirrored and not); mirroring is taken
+        only when it too is that sure, given the turn: the diagnosis is the same either way (the graph
+        averages an image and its mirror), so an unsure mirror is no reason to refuse."""
+        turns = len(probabilities) // 2
+        by_turn = [float(probabilities[k]) + float(probabilities[k + turns]) for k in range(turns)]
+        turn = max(range(turns), key=by_turn.__getitem__)
+        if by_turn[turn] < self.orientation_confidence:
+            return None
+        mirrored = float(probabilities[turn + turns]) >= self.orientation_confidence * by_turn[turn]
+        return turn + turns * mirrored
+
+    def subtype(self, probability: float, probability_viral: float) -> str | None:
+        """BACTERIAL or VIRAL for an X-ray labelled PNEUMONIA, else None."""
+        if self.label(probability) != self.class_names[1]:
+            return None
+        return SUBTYPE_NAMES[int(probability_viral >= self.subtype_threshold)]
 
     @property
     def ood_limit(self) -> float | None:
@@ -74,8 +125,13 @@ class Decision:
         limit = self.ood_limit
         if limit is None or ood_score <= limit:
             return None
-        return (f"not recognised as a frontal paediatric chest X-ray (score {ood_score:.3g}, limit {limit:.3g}): "
-                "not scored")
+        return ("not recognised as a frontal paediatric chest X-ray: not scored. Send the frontal (AP/PA) "
+                "view of a child's chest, as exported by the X-ray system")
+
+    @staticmethod
+    def orientation_unclear() -> str:
+        return ("could not tell which way up this X-ray is: not scored. Send it as the X-ray system exports it, "
+                "the patient's head at the top")
 
     def registered(self, name: str, version: str) -> Decision:
         return replace(self, model_name=name, model_version=str(version))

@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 MAX_FILE_BYTES = 50 * 1024 * 1024
+# File name suffixes taken for images when a folder is searched (names without one are tested for the DICOM
+# marker); the decoders go by content, not by name.
+IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "tif", "tiff", "bmp", "gif", "webp", "dcm", "dicom")
 # Largest chest X-ray detectors are ~4300 x 4300; anything far above that is a bomb or not an X-ray.
 MAX_PIXELS = 50_000_000
 MIN_SIDE = 32

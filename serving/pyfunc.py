@@ -1,9 +1,10 @@
 """The registered MLflow model: a pyfunc around the serving artefact (as MLflow's flower_classifier does).
 
 Input: a DataFrame with a column `image` holding the raw bytes of image files (PNG, JPEG, DICOM...;
-base64 in the JSON of `mlflow models serve`). Output: one row per image with `probability`, `label`,
-`threshold` and `error`, exactly what the app and the predict CLI say for the same file, because all of
-them run `serving.runtime.Predictor` on the same artefact.
+base64 in the JSON of `mlflow models serve`). Output: one row per image with the prediction record
+(`serving.runtime.RECORD_FIELDS`: probability of pneumonia, label, error, triage, subtype, probability
+that it is viral, note) and the `threshold`, exactly what the app and the predict CLI say for the same
+file, because all of them run `serving.runtime.Predictor` on the same artefact.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from serving.runtime import Predictor, ServingArtefact
+from serving.runtime import RECORD_FIELDS, RECORD_TYPES, Predictor, ServingArtefact
 
 ARTEFACT_KEY = "serving_model"
 INPUT_COLUMN = "image"
-OUTPUT_COLUMNS = ["probability", "label", "threshold", "error"]
+OUTPUT_COLUMNS = [*RECORD_FIELDS, "threshold"]
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("binary", INPUT_COLUMN)]),
-    outputs=Schema([ColSpec("double", "probability", required=False), ColSpec("string", "label", required=False),
-                    ColSpec("double", "threshold"), ColSpec("string", "error", required=False)]),
+    outputs=Schema([*(ColSpec(RECORD_TYPES[name], name, required=False) for name in RECORD_FIELDS),
+                    ColSpec("double", "threshold")]),
 )
 
 
@@ -40,8 +41,7 @@ def predictions_frame(predictor: Predictor, model_input: pd.DataFrame) -> pd.Dat
     if INPUT_COLUMN not in model_input.columns:
         raise ValueError(f"expected a column '{INPUT_COLUMN}' with the bytes of image files")
     items = [(str(index), _as_bytes(value)) for index, value in enumerate(model_input[INPUT_COLUMN])]
-    rows = [{"probability": p.probability, "label": p.label, "threshold": p.threshold, "error": p.error}
-            for p in predictor.predict(items)]
+    rows = [{**p.record(), "threshold": p.threshold} for p in predictor.predict(items)]
     # Object columns keep a missing value as None (null in the scoring server's JSON), not NaN.
     return pd.DataFrame(rows, columns=OUTPUT_COLUMNS, dtype=object)
 

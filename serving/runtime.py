@@ -1,7 +1,8 @@
 """The serving artefact in ONNX Runtime, and the one prediction path every way of serving shares.
 
 `Predictor` turns file bytes into a `Prediction`: decode (`serving.imaging`), refuse what is not
-plausibly a chest X-ray (`serving.checks`), score, and label at the artefact's own threshold. The app,
+plausibly a chest X-ray (`serving.checks`), put a turned or mirrored X-ray back upright (the artefact's
+orientation output), score, and label and triage at the artefact's own thresholds. The app,
 the predict CLI, the MLflow pyfunc (and through it `mlflow models serve` and Spark) all call it, so they
 accept, refuse and label the same files the same way. No TensorFlow anywhere on this path.
 """
@@ -19,15 +20,24 @@ from serving.decision import (
     CAM_OUTPUT,
     INPUT_NAME,
     OOD_OUTPUT,
+    ORIENTATION_OUTPUT,
     PROBABILITY_OUTPUT,
+    VIRAL_OUTPUT,
     Decision,
     DecisionError,
     read,
 )
 from serving.imaging import ImageDecodeError, decode_greyscale, read_bytes, resize_grey
+from serving.orientation import ORIENTATIONS, UPRIGHT, upright
 from serving.pixels import MAX_FILE_BYTES
 
 BATCH_SIZE = 64
+# One prediction record, in this order, for every client: the predict CLI's columns after `path` (its
+# first four, `path, probability_pneumonia, label, error`, are how models are evaluated from outside),
+# the MLflow pyfunc's and Spark's columns, the REST answer's fields and the app's table.
+RECORD_FIELDS = ("probability_pneumonia", "label", "error", "triage", "subtype", "probability_viral", "note")
+RECORD_TYPES = {"probability_pneumonia": "double", "label": "string", "error": "string", "triage": "string",
+                "subtype": "string", "probability_viral": "double", "note": "string"}
 
 
 class ArtefactLoadError(RuntimeError):
@@ -52,7 +62,8 @@ class ServingArtefact:
         except Exception as error:  # onnxruntime reports a corrupt graph as several exception types
             raise ArtefactLoadError(f"{source or 'the model'} is not a readable ONNX model: {error}") from error
         outputs = {output.name for output in self._session.get_outputs()}
-        needed = {PROBABILITY_OUTPUT, CAM_OUTPUT} | ({OOD_OUTPUT} if self.decision.ood else set())
+        needed = ({PROBABILITY_OUTPUT, CAM_OUTPUT, VIRAL_OUTPUT, ORIENTATION_OUTPUT}
+                  | ({OOD_OUTPUT} if self.decision.ood else set()))
         if not needed <= outputs:
             raise ArtefactLoadError(f"{source or 'the model'} lacks the outputs {sorted(needed - outputs)}")
         self.source = source
@@ -67,14 +78,18 @@ class ServingArtefact:
         return self.decision.input_size
 
     def run(self, images: np.ndarray, with_cam: bool = False) -> Scores:
-        """Scores of uint8 images N x S x S at the input size: calibrated probabilities, the gate's
-        out-of-distribution scores (when the artefact has a gate) and, if asked, the CAMs."""
+        """Scores of uint8 images N x S x S at the input size: calibrated probabilities (of pneumonia, and
+        of a viral one), orientation probabilities, the gate's out-of-distribution scores (when the artefact
+        has a gate) and, if asked, the CAMs."""
         if len(images) == 0:
-            return Scores(np.zeros(0, dtype=np.float32), None, None)
+            empty = np.zeros(0, dtype=np.float32)
+            return Scores(empty, None, None, empty, np.zeros((0, len(ORIENTATIONS)), dtype=np.float32))
         batch = np.asarray(images, dtype=np.float32)[..., np.newaxis]
-        wanted = [PROBABILITY_OUTPUT] + ([OOD_OUTPUT] if self.decision.ood else []) + ([CAM_OUTPUT] if with_cam else [])
+        wanted = ([PROBABILITY_OUTPUT, VIRAL_OUTPUT, ORIENTATION_OUTPUT] + ([OOD_OUTPUT] if self.decision.ood else [])
+                  + ([CAM_OUTPUT] if with_cam else []))
         results = dict(zip(wanted, self._session.run(wanted, {INPUT_NAME: batch})))
-        return Scores(results[PROBABILITY_OUTPUT].reshape(-1), results.get(CAM_OUTPUT), results.get(OOD_OUTPUT))
+        return Scores(results[PROBABILITY_OUTPUT].reshape(-1), results.get(CAM_OUTPUT), results.get(OOD_OUTPUT),
+                      results[VIRAL_OUTPUT].reshape(-1), results[ORIENTATION_OUTPUT])
 
     def probabilities(self, images: Sequence[np.ndarray], batch_size: int = BATCH_SIZE) -> np.ndarray:
         """Calibrated probability per uint8 greyscale image of any size (resized as the model expects)."""
@@ -87,34 +102,51 @@ class ServingArtefact:
         if not parts:
             return self.run(np.zeros((0, self.input_size, self.input_size), dtype=np.uint8))
         ood = None if parts[0].ood is None else np.concatenate([part.ood for part in parts])
-        return Scores(np.concatenate([part.probability for part in parts]), None, ood)
+        return Scores(np.concatenate([part.probability for part in parts]), None, ood,
+                      np.concatenate([part.viral for part in parts]), np.concatenate([part.orientation for part in parts]))
 
 
 @dataclass(frozen=True)
 class Scores:
-    """What the graph gives for a batch: probabilities N, CAMs N x h x w (on request), OOD scores N (if gated)."""
+    """What the graph gives for a batch: probabilities N, CAMs N x h x w (on request), OOD scores N (if gated),
+    probabilities that a pneumonia is viral N, orientation probabilities N x 8."""
 
     probability: np.ndarray
     cam: np.ndarray | None
     ood: np.ndarray | None
+    viral: np.ndarray
+    orientation: np.ndarray
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One file's result: a probability and label, or an error (then neither)."""
+    """One file's result: a probability, label, triage and subtype, or an error (then none of them)."""
 
     name: str
     probability: float | None
     label: str | None
     threshold: float
     error: str | None = None
-    # Filled on request, for the app's overlay: the decoded image and the CAM (calibrated logit units).
+    triage: str | None = None
+    subtype: str | None = None
+    probability_viral: float | None = None
+    # How the file was put upright before scoring, when it was not ("the image was upside down; ...").
+    note: str | None = None
+    # The input gate's score (lower: more like the training X-rays), where the gate ran.
+    ood_score: float | None = None
+    # Filled on request, for the app's overlay: the decoded image (upright) and the CAM (calibrated logit units).
     grey: np.ndarray | None = field(default=None, repr=False, compare=False)
     cam: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def scored(self) -> bool:
         return self.probability is not None
+
+    def record(self) -> dict[str, float | str | None]:
+        """The RECORD_FIELDS of this prediction (None where empty)."""
+        return {"probability_pneumonia": self.probability, "label": self.label, "error": self.error,
+                "triage": self.triage, "subtype": self.subtype, "probability_viral": self.probability_viral,
+                "note": self.note}
 
 
 class Predictor:
@@ -162,20 +194,43 @@ class Predictor:
                 results[position] = Prediction(name, None, None, self.threshold, problem)
             else:
                 accepted.append((position, grey))
+        first = self._score(accepted, with_cam)
+        turned: list[tuple[int, np.ndarray, int]] = []
+        for index, (position, grey) in enumerate(accepted):
+            orientation = self.decision.orientation(first.orientation[index])
+            if orientation is None:
+                refusal = self._refusal(first, index) or self.decision.orientation_unclear()
+                results[position] = Prediction(chunk[position][0], None, None, self.threshold, refusal)
+            elif orientation == UPRIGHT:
+                results[position] = self._prediction(chunk[position][0], first, index, grey, with_cam)
+            else:
+                turned.append((position, upright(grey, orientation), orientation))
+        # Turned or mirrored X-rays are scored again, put back upright: the gate and the map need it so.
+        second = self._score([(position, grey) for position, grey, _ in turned], with_cam)
+        for index, (position, grey, orientation) in enumerate(turned):
+            note = f"the image was {ORIENTATIONS[orientation]}; it was put back upright before scoring"
+            results[position] = self._prediction(chunk[position][0], second, index, grey, with_cam, note)
+        return results
+
+    def _score(self, accepted: list[tuple[int, np.ndarray]], with_cam: bool) -> Scores:
         size = self.artefact.input_size
         batch = np.stack([resize_grey(grey, size) for _, grey in accepted]) if accepted else np.zeros((0, size, size))
-        scores = self.artefact.run(batch, with_cam)
-        for index, (position, grey) in enumerate(accepted):
-            name = chunk[position][0]
-            refusal = None if scores.ood is None else self.decision.refusal(float(scores.ood[index]))
-            if refusal:
-                results[position] = Prediction(name, None, None, self.threshold, refusal)
-                continue
-            probability = float(scores.probability[index])
-            results[position] = Prediction(name, probability, self.decision.label(probability), self.threshold,
-                                           grey=grey if with_cam else None,
-                                           cam=scores.cam[index] if with_cam else None)
-        return results
+        return self.artefact.run(batch, with_cam)
+
+    def _refusal(self, scores: Scores, index: int) -> str | None:
+        return None if scores.ood is None else self.decision.refusal(float(scores.ood[index]))
+
+    def _prediction(self, name: str, scores: Scores, index: int, grey: np.ndarray, with_cam: bool,
+                    note: str | None = None) -> Prediction:
+        ood_score = None if scores.ood is None else round(float(scores.ood[index]), 4)
+        refusal = self._refusal(scores, index)
+        if refusal:
+            return Prediction(name, None, None, self.threshold, refusal, note=note, ood_score=ood_score)
+        probability, viral = float(scores.probability[index]), float(scores.viral[index])
+        return Prediction(name, probability, self.decision.label(probability), self.threshold,
+                          triage=self.decision.triaged(probability), subtype=self.decision.subtype(probability, viral),
+                          probability_viral=viral, note=note, ood_score=ood_score,
+                          grey=grey if with_cam else None, cam=scores.cam[index] if with_cam else None)
 
 
 def _decode(data: bytes | ImageDecodeError | None, max_bytes: int) -> np.ndarray:

@@ -16,6 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -68,19 +70,27 @@ def train_params(**overrides: Any):
     return replace(project_params().train, **overrides)
 
 
-def tiny_keras_model(input_size: int = 64, **overrides: Any):
-    from pipeline.model import build_model
+def tiny_keras_model(input_size: int = 64, orientation: int | None = 0, **overrides: Any):
+    """An untrained tiny CNN whose orientation head is sure every image lies in `orientation` (0: upright,
+    as a trained model says of an upright X-ray; None: left untrained, unsure of everything)."""
+    from pipeline.model import ORIENTATION_OUTPUT_NAME, build_model
 
-    return build_model(input_size, train_params(**{**TINY_MODEL, **overrides}))
+    model = build_model(input_size, train_params(**{**TINY_MODEL, **overrides}))
+    if orientation is not None:
+        head = model.get_layer(ORIENTATION_OUTPUT_NAME)
+        kernel, bias = head.get_weights()
+        sure = np.where(np.arange(len(bias)) == orientation, 12.0, 0.0).astype(bias.dtype)
+        head.set_weights([np.zeros_like(kernel), sure])
+    return model
 
 
-def write_tiny_bundle(folder: Path, threshold: float = 0.5, **decision: Any) -> Path:
+def write_tiny_bundle(folder: Path, threshold: float = 0.5, orientation: int | None = 0, **decision: Any) -> Path:
     """An exported model folder (as `python -m pipeline.export` writes) around an untrained tiny CNN."""
     from pipeline.artefact import build
     from pipeline.export import write_bundle
     from serving.decision import Decision
 
-    model = tiny_keras_model()
+    model = tiny_keras_model(orientation=orientation)
     values = {"threshold": threshold, "threshold_rule": "youden", "input_size": 64, "model_name": "tiny-test-model",
               "model_version": "7", "training_commit": "0123abc", "trained_at": "2023-11-14T22:13:20+00:00",
               "calibration": {"method": "platt", "temperature": 1.3, "bias": 0.2, "fitted_on": "val"},

@@ -9,10 +9,13 @@ import pytest
 
 from pipeline.artefact import ArtefactError, build
 from pipeline.gradcam import GradCam
+from pipeline.model import OUTPUT_NAME
 from serving.decision import (
     CAM_OUTPUT,
     METADATA_KEY,
+    ORIENTATION_OUTPUT,
     PROBABILITY_OUTPUT,
+    VIRAL_OUTPUT,
     Decision,
     DecisionError,
     read,
@@ -41,7 +44,7 @@ def model():
     rng = np.random.default_rng(3)
     trained_like.set_weights([w + rng.normal(0, 0.2, w.shape).astype(w.dtype) for w in trained_like.get_weights()])
     # Channels voting both ways, so that maps have evidence towards each class.
-    head = trained_like.layers[-1]
+    head = trained_like.get_layer(OUTPUT_NAME)
     kernel, bias = head.get_weights()
     head.set_weights([np.resize([1.0, -1.0], kernel.shape).astype(kernel.dtype), bias])
     return trained_like
@@ -53,14 +56,20 @@ def fixture_batch() -> np.ndarray:
     return np.stack([resize_grey(decode_greyscale(read_bytes(path)), 64) for path in paths])
 
 
+def keras_logits(model, images: np.ndarray, head: str = "pneumonia") -> np.ndarray:
+    """The head's logit as served: the mean of the image's and its mirror's."""
+    batch = images.astype(np.float32)[..., np.newaxis]
+    views = [model(view, training=False)[head].numpy().reshape(-1).astype(np.float64) for view in (batch, batch[:, :, ::-1])]
+    return np.mean([np.log(p / (1 - p)) for p in views], axis=0)
+
+
 def keras_probabilities(model, images: np.ndarray) -> np.ndarray:
-    return model(images.astype(np.float32)[..., np.newaxis], training=False).numpy().reshape(-1)
+    return 1 / (1 + np.exp(-keras_logits(model, images)))
 
 
 def test_probability_is_the_calibrated_keras_probability(model, fixture_batch):
     artefact = ServingArtefact(build(model, decision(calibration=CALIBRATION)))
-    raw = keras_probabilities(model, fixture_batch)
-    logit = np.log(raw / (1 - raw))
+    logit = keras_logits(model, fixture_batch)
     expected = 1 / (1 + np.exp(-(logit / CALIBRATION["temperature"] + CALIBRATION["bias"])))
     probabilities = artefact.run(fixture_batch).probability
     np.testing.assert_allclose(probabilities, expected, atol=2e-6)
@@ -89,7 +98,7 @@ def test_cam_mean_plus_bias_is_the_calibrated_logit(model, fixture_batch):
     artefact = ServingArtefact(build(model, decision(calibration=CALIBRATION)))
     scores = artefact.run(fixture_batch, with_cam=True)
     probabilities, cams = scores.probability, scores.cam
-    _, bias = model.layers[-1].get_weights()
+    _, bias = model.get_layer(OUTPUT_NAME).get_weights()
     folded_bias = bias[0] / CALIBRATION["temperature"] + CALIBRATION["bias"]
     logits = cams.mean(axis=(1, 2)) + folded_bias
     np.testing.assert_allclose(1 / (1 + np.exp(-logits)), probabilities, atol=1e-5)
@@ -102,8 +111,30 @@ def test_decision_travels_in_the_metadata_and_outputs_are_named(model):
     artefact = ServingArtefact(data)
     assert artefact.decision == wanted
     proto = onnx.load_from_string(data)
-    assert {output.name for output in proto.graph.output} == {CAM_OUTPUT, PROBABILITY_OUTPUT}
+    assert {output.name for output in proto.graph.output} == {CAM_OUTPUT, PROBABILITY_OUTPUT, VIRAL_OUTPUT,
+                                                              ORIENTATION_OUTPUT}
     assert [prop.key for prop in proto.metadata_props].count(METADATA_KEY) == 1
+
+
+def test_the_diagnosis_is_the_same_for_an_image_and_its_mirror_and_orientation_tells_them_apart(model, fixture_batch):
+    artefact = ServingArtefact(build(model, decision(calibration=CALIBRATION)))
+    scores = artefact.run(fixture_batch, with_cam=True)
+    mirrored = artefact.run(np.ascontiguousarray(fixture_batch[:, :, ::-1]), with_cam=True)
+    np.testing.assert_allclose(mirrored.probability, scores.probability, atol=1e-6)
+    np.testing.assert_allclose(mirrored.viral, scores.viral, atol=1e-6)
+    np.testing.assert_allclose(mirrored.cam[:, :, ::-1], scores.cam, atol=1e-5)
+    # The orientation head reads the image as given: its softmax, not an average with the mirror's.
+    expected = model(fixture_batch.astype(np.float32)[..., np.newaxis], training=False)["orientation"].numpy()
+    np.testing.assert_allclose(scores.orientation, expected, atol=1e-5)
+    assert not np.allclose(mirrored.orientation, scores.orientation, atol=1e-4)
+
+
+def test_viral_probability_is_the_calibrated_viral_head(model, fixture_batch):
+    subtype = {"method": "platt", "temperature": 1.7, "bias": -0.4, "fitted_on": "external"}
+    artefact = ServingArtefact(build(model, decision(subtype_calibration=subtype)))
+    logit = keras_logits(model, fixture_batch, head="viral")
+    expected = 1 / (1 + np.exp(-(logit / subtype["temperature"] + subtype["bias"])))
+    np.testing.assert_allclose(artefact.run(fixture_batch).viral, expected, atol=2e-6)
 
 
 def test_restamping_replaces_the_decision_and_keeps_the_graph(model, fixture_batch):

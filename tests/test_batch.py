@@ -1,4 +1,4 @@
-"""Batch scoring on Spark (`python -m pipeline.batch`), and the opt-in GPU install.
+"""Batch scoring on Spark (`python -m pipeline.batch`).
 
 The Spark tests run Spark in local mode on a registered model: the project's pyfunc around a tiny
 untrained artefact, registered with its `production` alias in a throwaway SQLite store. Spark must say what
@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 import pandas as pd
@@ -158,40 +157,3 @@ def test_no_model_is_one_line_and_exit_2_before_spark_starts(tmp_path: Path):
     assert len(errors) == 1 and "no model at models:/pneumonia-cnn@production" in errors[0], result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
-
-# --------------------------------------------------------------------------------------------------
-# The opt-in GPU install: only the lock and the CPU fallback can be checked on a machine without a GPU
-
-
-def locked_extras() -> dict[str, list[str]]:
-    lock = tomllib.loads((PROJECT / "uv.lock").read_text())
-    project = next(p for p in lock["package"] if p["name"] == "pneumonia-screening")
-    return {extra: [dep["name"] + "".join(f"[{e}]" for e in dep.get("extra", [])) for dep in deps]
-            for extra, deps in project["optional-dependencies"].items()}
-
-
-def test_the_lock_resolves_both_tensorflow_flavours_as_conflicting_extras():
-    extras = locked_extras()
-    assert extras["cpu"] == ["tensorflow-cpu"]
-    assert extras["gpu"] == ["tensorflow[and-cuda]"]
-    assert {"pyspark"} <= set(extras["spark"])
-    lock = tomllib.loads((PROJECT / "uv.lock").read_text())
-    conflicts = [sorted(item["extra"] for item in group) for group in lock.get("manifest", {}).get("conflicts", [])]
-    pyproject = tomllib.loads((PROJECT / "pyproject.toml").read_text())
-    declared = [sorted(item["extra"] for item in group) for group in pyproject["tool"]["uv"]["conflicts"]]
-    assert ["cpu", "gpu"] in declared
-    if conflicts:  # uv records the declared conflicts in the lock's manifest
-        assert ["cpu", "gpu"] in conflicts
-    names = {p["name"] for p in lock["package"]}
-    assert {"tensorflow", "tensorflow-cpu", "nvidia-cudnn-cu12"} <= names, "the gpu extra did not resolve"
-
-
-def test_training_falls_back_to_the_cpu_and_says_so():
-    pytest.importorskip("tensorflow")
-    import tensorflow as tf
-
-    from pipeline.train import training_device
-
-    if tf.config.list_physical_devices("GPU"):
-        pytest.skip("this machine has a GPU: training_device() reports it instead")
-    assert training_device() == "CPU"

@@ -1,14 +1,22 @@
-"""docs/experiment_table.py: the experiment record is rendered from `dvc exp show --json` as documented."""
+"""docs/experiment_table.py renders the experiment record from the reports the pipeline commits.
+
+The rows are rendered from the project's own committed `reports/` (HEAD's), so a report the pipeline stops
+writing, or a key it renames, shows as "n/a" here and fails the test.
+"""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
-from pathlib import Path
+import subprocess
 
 import pytest
+import yaml
 
-SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "experiment_table.py"
+from tests.helpers import PROJECT
+
+SCRIPT = PROJECT / "docs" / "experiment_table.py"
 
 
 @pytest.fixture(scope="module")
@@ -19,59 +27,73 @@ def table():
     return module
 
 
-def metric(value: float) -> dict[str, float]:
-    return {"value": value, "ci_low": value - 0.01, "ci_high": value + 0.005}
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=PROJECT, check=True, capture_output=True, text=True).stdout
 
 
-def revision(params: dict, timestamp: str, name: str | None = None, with_reports: bool = True) -> dict:
-    metrics = {}
-    if with_reports:
-        split = {key: metric(0.95) for key in ("roc_auc", "accuracy", "sensitivity", "specificity", "ece")}
-        metrics = {
-            "reports/train_metrics.json": {"data": {"train_seconds": 125.0, "epochs_run": 9, "best_epoch": 6}},
-            "reports/metrics.json": {"data": {"val": split, "test": split, "threshold": 0.4321,
-                                              "threshold_rule": "youden", "temperature": 0.9}},
-            "reports/robustness.json": {"data": {"shifts": {
-                "contrast x0.6": {"specificity": 0.9, "specificity_change": -0.05},
-                "resolution 64px": {"specificity": 0.8, "specificity_change": -0.15}}}},
-        }
-    return {"rev": "0" * 40, "name": name, "timestamp": timestamp,
-            "params": {"params.yaml": {"data": params}}, "metrics": metrics}
+def state(rev: str, params: dict, timestamp: str | None = None, name: str | None = None) -> dict:
+    """One revision as `dvc exp show --json` (DVC 3) lists it."""
+    data = {"rev": rev, "timestamp": timestamp, "params": {"params.yaml": {"data": params}}, "metrics": {},
+            "deps": {}, "outs": {}, "meta": {}}
+    return {"rev": rev, "name": name, "data": data, "error": None, "experiments": None}
 
 
+@pytest.fixture(scope="module")
 def shown() -> list[dict]:
-    base = {"seed": 42, "data": {"source": "https://example.org/x.zip"}, "train": {"dropout": 0.3, "epochs": 15}}
-    changed = {"seed": 42, "data": {"source": "../local.zip"}, "train": {"dropout": 0.5, "epochs": 15}}
-    return [
-        {"rev": "workspace", "name": None, "data": revision(base, "t0"), "experiments": None},
-        {"rev": "abc", "name": "main", "data": revision(base, "t0"), "experiments": [
-            {"revs": [{"rev": "1" * 40, "name": "later", "data": revision(changed, "2026-01-02")}]},
-            {"revs": [{"rev": "2" * 40, "name": "earlier", "data": revision(base, "2026-01-01")}]},
-        ]},
+    """HEAD as the baseline, and two experiments on it: `later`, finished, whose commit is HEAD itself (so its
+    reports are the committed ones), and `earlier`, still queued."""
+    head = git("rev-parse", "HEAD").strip()
+    params = yaml.safe_load(git("show", "HEAD:params.yaml"))
+    changed = copy.deepcopy(params)
+    changed["train"]["dropout"] = 0.5
+    changed["data"]["source"] = "../local.zip"
+    baseline = state(head, params, "2026-01-01T00:00:00", name="main")
+    baseline["experiments"] = [
+        {"revs": [state(head, changed, "2026-01-03T00:00:00")], "name": "later", "executor": None},
+        {"revs": [state("f" * 40, params, "2026-01-02T00:00:00")], "name": "earlier",
+         "executor": {"state": "queued", "name": None, "local": None}},
     ]
+    return [state("workspace", params), baseline]
 
 
-def test_rows_show_the_recipe_change_and_the_figures(table, tmp_path, capsys):
+def rendered(table, shown, tmp_path, capsys, *names: str) -> dict[str, list[str]]:
     saved = tmp_path / "exps.json"
-    saved.write_text(json.dumps(shown()))
-    assert table.main(["--json", str(saved)]) == 0
+    saved.write_text(json.dumps(shown))
+    assert table.main(["--json", str(saved), *names]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and lines[0].startswith("| run |")
-    earlier, later = lines[2], lines[3]  # oldest first, whatever order DVC lists them in
-    assert earlier.startswith("| earlier | (baseline recipe) | 2 min 5 s, 9 (6) |")
-    # The data source is where the archive came from, not part of the recipe.
-    assert "`train.dropout=0.5`" in later and "data.source" not in later
-    assert "0.950 [0.940, 0.955]" in later and "0.432 (youden)" in later
-    assert "0.90 / 0.80 / n/a / n/a" in later and "| -0.15 |" in later
+    assert lines[0] == "| " + " | ".join(table.COLUMNS) + " |"
+    rows = [line.strip("| ").split(" | ") for line in lines[2:]]
+    assert all(len(cells) == len(table.COLUMNS) for cells in rows)
+    return {cells[0]: cells for cells in rows}
 
 
-def test_unknown_experiment_is_an_error_naming_what_exists(table, tmp_path, capsys):
+def test_rows_show_the_committed_reports_and_the_recipe_change(table, shown, tmp_path, capsys):
+    rows = rendered(table, shown, tmp_path, capsys)
+    assert list(rows) == ["main", "earlier (queued)", "later"]  # the baseline, then oldest first
+    main, later = rows["main"], rows["later"]
+    # Every figure is found in the reports the pipeline wrote.
+    assert "n/a" not in " ".join(main), dict(zip(table.COLUMNS, main))
+    assert main[1] == "(baseline recipe)"
+    # Where the archive came from is not part of the recipe.
+    assert later[1] == "`train.dropout=0.5`" and later[2:] == main[2:]
+
+    evaluation = json.loads(git("show", "HEAD:reports/evaluation.json"))
+    cell = dict(zip(table.COLUMNS, main))
+    external_auc = evaluation["splits"]["external"]["metrics"]["roc_auc"]
+    assert cell["external ROC-AUC"].startswith(f"{external_auc['value']:.3f} [{external_auc['ci_low']:.3f}, ")
+    assert cell["threshold (rule, fitted on)"].startswith(f"{evaluation['threshold']:.3f} (")
+    assert cell["train time, epochs (best)"].endswith(f", {evaluation['train']['epochs_run']} "
+                                                      f"({evaluation['train']['best_epoch']})")
+
+
+def test_unfinished_experiment_shows_its_state_and_no_figures(table, shown, tmp_path, capsys):
+    cells = rendered(table, shown, tmp_path, capsys, "earlier")["earlier (queued)"]
+    assert cells[1] == "(baseline recipe)"
+    assert set(cells[2:]) == {"n/a", "n/a, n/a / n/a", "n/a / n/a / n/a"}
+
+
+def test_unknown_experiment_is_an_error_naming_what_exists(table, shown, tmp_path, capsys):
     saved = tmp_path / "exps.json"
-    saved.write_text(json.dumps(shown()))
+    saved.write_text(json.dumps(shown))
     assert table.main(["--json", str(saved), "nope"]) == 1
-    assert "no such experiment: nope" in capsys.readouterr().err
-
-
-def test_unfinished_experiment_prints_placeholders(table):
-    row = table.row("running", revision({}, "t"), revision({}, "t", with_reports=False))
-    assert row[2] == "n/a, None (None)" and row[3] == "n/a"
+    assert "no such experiment: nope (have: main, earlier, later)" in capsys.readouterr().err

@@ -112,3 +112,32 @@ def test_temperature_scaling_recovers_a_known_overconfidence():
     assert expected_calibration_error(labels, calibrated) < expected_calibration_error(labels, overconfident) / 3
     order = np.argsort(overconfident)
     assert (np.diff(calibrated[order]) >= 0).all()  # monotone: rankings, hence AUCs, are unchanged
+
+
+def test_triage_band_reaches_its_targets_on_the_images_it_was_fitted_on():
+    from pipeline.metrics import fit_triage, triage_metrics
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 400)
+    probabilities = 1 / (1 + np.exp(-(3.0 * labels - 1.5 + rng.normal(0, 1.3, 400))))
+    low, high = fit_triage(labels, probabilities, 0.5, accuracy=0.95, sensitivity=0.97)
+    assert low <= 0.5 <= high
+    figures = triage_metrics(labels, probabilities, low, high)
+    assert figures["decided_accuracy"] >= 0.95 and figures["decided_sensitivity"] >= 0.97
+    assert 0 < figures["review_share"] < 1
+    # The widest band that still holds: narrowing it by one image on either side breaks a target.
+    below = np.sort(probabilities[probabilities >= low])
+    widened = triage_metrics(labels, probabilities, below[0] + 1e-12, high)
+    above = np.sort(probabilities[probabilities < high])
+    widened_high = triage_metrics(labels, probabilities, low, above[-1])
+    for wider in (widened, widened_high):
+        assert wider["decided_accuracy"] < 0.95 or wider["decided_sensitivity"] < 0.97 or wider == figures
+
+
+def test_triage_with_unreachable_targets_sends_everything_to_review():
+    from pipeline.metrics import fit_triage, triage_metrics
+
+    labels = np.array([0, 1] * 50)
+    probabilities = np.full(100, 0.5)
+    low, high = fit_triage(labels, probabilities, 0.5, accuracy=0.99, sensitivity=0.99)
+    assert triage_metrics(labels, probabilities, low, high)["review_share"] == 1.0

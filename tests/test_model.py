@@ -9,10 +9,12 @@ import pytest
 import tensorflow as tf
 
 from pipeline.arrays import Split
-from pipeline.model import augment, balanced_class_weights, build_model, make_dataset
+from pipeline.arrays import NO_SUBTYPE, VIRAL
+from pipeline.model import augment, balanced_class_weights, build_model, make_dataset, orient
 from pipeline.params import AugmentParams
 from pipeline.preprocess import assign_splits, decode_all
-from pipeline.train import fit, make_deterministic
+from pipeline.train import fit, history_key, make_deterministic
+from serving import orientation
 from tests.helpers import FIXTURE_DATASET, tiny_keras_model, train_params
 
 NO_AUGMENT = AugmentParams.none()
@@ -22,11 +24,19 @@ def seed_of(*values: int) -> tf.Tensor:
     return tf.constant(list(values), dtype=tf.int64)
 
 
+def pneumonia(model, images: np.ndarray) -> np.ndarray:
+    return model(images)["pneumonia"].numpy()
+
+
 def test_model_takes_raw_pixels_at_the_stored_size_and_outputs_probabilities():
     model = build_model(64, train_params(image_size=32, filters=[4, 8], dropout=0.1, crop=1.0, stem_filters=0))
     assert model.input_shape == (None, 64, 64, 1)
-    output = model(np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 1)).astype("float32")).numpy()
-    assert output.shape == (3, 1) and ((output > 0) & (output < 1)).all()
+    outputs = model(np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 1)).astype("float32"))
+    for head in ("pneumonia", "viral"):
+        assert outputs[head].shape == (3, 1) and ((outputs[head] > 0) & (outputs[head] < 1)).numpy().all()
+    # One probability per way an X-ray can lie, summing to one.
+    np.testing.assert_allclose(outputs["orientation"].numpy().sum(axis=1), 1.0, rtol=1e-5)
+    assert outputs["orientation"].shape == (3, len(orientation.ORIENTATIONS))
     names = [layer.name for layer in model.layers]
     assert "centre_crop" not in names and "stem_conv" not in names
     # The CAM of the serving artefact is computed on what global pooling reduces: the last block's
@@ -52,15 +62,15 @@ def test_centre_crop_keeps_only_the_middle_of_the_image():
     model = tiny_keras_model(64, crop=0.75)
     assert model.get_layer("centre_crop").output.shape[1:3] == (48, 48)
     images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 1)).astype("float32")
-    output = model(images).numpy()
+    output = pneumonia(model, images)
     assert output.shape == (2, 1) and ((output > 0) & (output < 1)).all()
     # The 8-pixel border (markers, text) is outside what the network sees: changing it changes nothing.
     bordered = images.copy()
     bordered[:, :8], bordered[:, -8:], bordered[:, :, :8], bordered[:, :, -8:] = 255.0, 0.0, 255.0, 0.0
-    np.testing.assert_array_equal(model(bordered).numpy(), output)
+    np.testing.assert_array_equal(pneumonia(model, bordered), output)
     inner = images.copy()
     inner[:, 24:40, 24:40] = 255.0
-    assert not np.allclose(model(inner).numpy(), output)
+    assert not np.allclose(pneumonia(model, inner), output)
 
 
 def test_stem_convolution_halves_the_side_before_the_blocks():
@@ -70,7 +80,7 @@ def test_stem_convolution_halves_the_side_before_the_blocks():
     assert tuple(stem.output.shape) == (None, 16, 16, 6)
     # Two pooling blocks after the stem: 32 / 2 / 4.
     assert tuple(model.get_layer("global_pool").input.shape) == (None, 4, 4, 8)
-    output = model(np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 1)).astype("float32")).numpy()
+    output = pneumonia(model, np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 1)).astype("float32"))
     assert output.shape == (3, 1) and ((output > 0) & (output < 1)).all()
     without = tiny_keras_model(64, image_size=32)
     assert model.count_params() > without.count_params()
@@ -88,18 +98,58 @@ def test_augmentation_with_zero_settings_is_identity_and_shift_moves_content():
 def test_augmented_dataset_is_reproducible_and_differs_between_epochs():
     images = np.random.default_rng(0).integers(0, 255, (8, 32, 32), dtype=np.uint8)
     labels = np.array([0, 1] * 4, dtype=np.uint8)
+    subtypes = np.where(labels == 1, VIRAL, NO_SUBTYPE).astype(np.int8)
     settings = replace(NO_AUGMENT, rotation_deg=10.0, brightness=0.1)
-    dataset = make_dataset(images, labels, batch_size=8, seed=5, augmentation=settings)
+    dataset = make_dataset(images, labels, subtypes, batch_size=8, seed=5, augmentation=settings)
     first_epoch, second_epoch = [next(iter(dataset))[0].numpy() for _ in range(2)]
-    again = next(iter(make_dataset(images, labels, batch_size=8, seed=5, augmentation=settings)))[0].numpy()
+    again = next(iter(make_dataset(images, labels, subtypes, batch_size=8, seed=5, augmentation=settings)))[0].numpy()
     np.testing.assert_array_equal(first_epoch, again)
     assert not np.array_equal(first_epoch, second_epoch)
-    # Without augmentation: the images as stored, in order, every epoch.
-    plain = make_dataset(images, labels, batch_size=8, seed=5)
+    # Without augmentation: the images as stored, in order, upright, every epoch.
+    plain = make_dataset(images, labels, subtypes, batch_size=8, seed=5)
     for _ in range(2):
-        batch, batch_labels = next(iter(plain))
+        batch, targets, weights = next(iter(plain))
         np.testing.assert_array_equal(batch.numpy()[..., 0], images.astype("float32"))
-        np.testing.assert_array_equal(batch_labels.numpy(), labels.astype("float32"))
+        np.testing.assert_array_equal(targets["pneumonia"].numpy()[:, 0], labels.astype("float32"))
+        np.testing.assert_array_equal(targets["orientation"].numpy(), 0)
+        # The viral head learns from pneumonia images only.
+        np.testing.assert_array_equal(weights["viral"].numpy(), labels.astype("float32"))
+
+
+def test_turned_images_teach_the_orientation_head_only():
+    images = np.random.default_rng(1).integers(0, 255, (64, 16, 16), dtype=np.uint8)
+    labels = np.array([0, 1] * 32, dtype=np.uint8)
+    subtypes = np.where(labels == 1, VIRAL, NO_SUBTYPE).astype(np.int8)
+    settings = replace(NO_AUGMENT, flip=True)
+    dataset = make_dataset(images, labels, subtypes, batch_size=64, seed=3, augmentation=settings,
+                           orientation_rate=0.5, class_weights={0: 2.0, 1: 1.0})
+    batch, targets, weights = next(iter(dataset))
+    turns = targets["orientation"].numpy() % orientation.TURNS
+    mirrored = targets["orientation"].numpy() >= orientation.TURNS
+    assert 0 < (turns > 0).mean() < 1 and 0 < mirrored.mean() < 1
+    diagnosis = weights["pneumonia"].numpy()
+    np.testing.assert_array_equal(diagnosis[turns > 0], 0.0)
+    upright = turns == 0
+    np.testing.assert_array_equal(diagnosis[upright], np.where(targets["pneumonia"].numpy()[upright, 0] == 1, 1.0, 2.0))
+    np.testing.assert_array_equal(weights["viral"].numpy()[turns > 0], 0.0)
+    # Each image is the stored one put in the orientation its target names.
+    stored = {image.tobytes(): image for image in images.astype("float32")}
+    for image, number in zip(batch.numpy()[..., 0], targets["orientation"].numpy()):
+        assert orientation.upright(image, int(number)).tobytes() in stored
+
+
+def test_tensorflow_and_numpy_orient_alike_and_serving_undoes_it():
+    image = np.arange(4 * 6, dtype="float32").reshape(4, 4 + 2)[:, :4]
+    for number in range(len(orientation.ORIENTATIONS)):
+        turned = orient(tf.constant(image[..., np.newaxis]), tf.constant(number)).numpy()[..., 0]
+        np.testing.assert_array_equal(turned, orientation.orient(image, number))
+        np.testing.assert_array_equal(orientation.upright(turned, number), image)
+    assert len({orientation.orient(image, n).tobytes() for n in range(len(orientation.ORIENTATIONS))}) == 8
+
+
+def test_history_keeps_the_pneumonia_heads_plain_names():
+    assert history_key("val_pneumonia_auc") == "val_auc" and history_key("pneumonia_loss") == "loss"
+    assert history_key("val_viral_auc") == "val_viral_auc"
 
 
 def test_class_weights_balance_the_classes():
@@ -151,7 +201,7 @@ def test_outside_a_run_nothing_is_logged(monkeypatch):
 
 def train_briefly(train: Split, val: Split, checkpoint, epochs: int):
     params = train_params(image_size=32, filters=[8, 16], dropout=0.0, crop=1.0, stem_filters=0, batch_size=8,
-                          learning_rate=3e-3, epochs=epochs, patience=epochs,
+                          learning_rate=3e-3, epochs=epochs, patience=epochs, orientation_rate=0.0,
                           augment=replace(NO_AUGMENT, rotation_deg=5.0))
     make_deterministic(7)  # as the train stage does before fitting
     return fit(params, 7, train, val, checkpoint)
@@ -162,7 +212,7 @@ def test_short_training_reduces_the_loss_and_is_deterministic(fixture_splits, lo
     model, rows = train_briefly(train, val, tmp_path / "first.weights.h5", epochs=2)
     assert [row["epoch"] for row in rows] == [1, 2]
     assert [step for _, step in logged_metrics] == [1, 2]
-    assert {"loss", "val_loss", "val_auc", "images_per_second"} <= set(logged_metrics[0][0])
+    assert {"loss", "val_loss", "val_auc", "orientation_loss", "images_per_second"} <= set(logged_metrics[0][0])
     assert rows[-1]["loss"] < rows[0]["loss"], rows
     assert all(0.0 <= row["val_auc"] <= 1.0 for row in rows)
     assert model.input_shape == (None, 48, 48, 1)
@@ -177,7 +227,7 @@ def test_per_image_normalisation_makes_the_model_blind_to_exposure_shifts():
                                          normalization="per_image"))
     image = np.random.default_rng(0).uniform(60, 160, (1, 32, 32, 1)).astype("float32")
     brighter_flatter = (image - 60) * 0.5 + 90
-    np.testing.assert_allclose(model(image).numpy(), model(brighter_flatter).numpy(), atol=1e-3)
+    np.testing.assert_allclose(pneumonia(model, image), pneumonia(model, brighter_flatter), atol=1e-3)
     with pytest.raises(ValueError, match="normalization"):
         train_params(normalization="whiten")
 

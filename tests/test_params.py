@@ -65,12 +65,6 @@ def test_project_params_load_and_validate_without_losing_or_adding_anything():
     assert dataclasses.asdict(params) == project_values()
 
 
-def test_sections_are_frozen():
-    params = load_params(PROJECT)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        params.train.epochs = 1  # type: ignore[misc]
-
-
 @pytest.mark.parametrize("section", ["data", "preprocess", "train", "evaluate", "robustness", "ood", "register"])
 def test_stage_params_returns_the_seed_and_the_stage_section(section):
     params = load_params(PROJECT)
@@ -107,7 +101,7 @@ def test_no_augmentation_is_all_zeros():
     [
         pytest.param("colour", "blue", "colour", id="unknown-section"),
         pytest.param("train.epoch", 3, "train.epoch", id="unknown-key-typo"),
-        pytest.param("train.augment.flip", 0.5, "train.augment.flip", id="unknown-nested-key"),
+        pytest.param("train.augment.mirror", 0.5, "train.augment.mirror", id="unknown-nested-key"),
         pytest.param("data.max_members", 100, "data.max_members", id="removed-download-limit"),
         pytest.param("data.external", {"source": "x.zip", "sha256": None, "url": "y"}, "data.external.url",
                      id="unknown-external-key"),

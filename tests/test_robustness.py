@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from pipeline.artefact import build
-from pipeline.metrics import point_metrics
 from pipeline.params import RobustnessParams
 from pipeline.robustness import REPORTED, brightness, build_shifts, contrast, downscale, measure
-from serving.decision import Decision
-from serving.runtime import ServingArtefact
-from tests.helpers import tiny_keras_model
 
 PARAMS = RobustnessParams(brightness=[-40, 40], contrast=[0.6], gamma=[1.6], blur_sigma=[1.5], noise_sigma=[12],
                           downscale=[16], equalize=True)
@@ -22,13 +19,6 @@ def images():
     rng = np.random.default_rng(0)
     gradient = np.tile(np.linspace(20, 230, 64), (64, 1))
     return np.stack([np.clip(gradient + rng.normal(0, 5, (64, 64)), 0, 255) for _ in range(6)]).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def artefact() -> ServingArtefact:
-    """The serving artefact of an untrained tiny CNN (64 px input), labelling at 0.5."""
-    decision = Decision(threshold=0.5, threshold_rule="youden", input_size=64)
-    return ServingArtefact(build(tiny_keras_model(64), decision), "tiny")
 
 
 def test_every_shift_keeps_shape_and_dtype_and_changes_the_pixels(images):
@@ -52,24 +42,41 @@ def test_shifts_move_the_statistics_they_claim_to(images):
     assert np.abs(np.diff(downscale(16)(images, rng).astype(float), axis=1)).mean() < detail
 
 
-def test_measure_reports_baseline_and_change_per_shift(images, artefact):
-    labels = np.array([0, 1, 0, 1, 0, 1])
-    shifts = build_shifts(PARAMS)
-    result = measure(artefact, images, labels, shifts, seed=0)
-    assert set(result["baseline"]) - {"refused_by_gate"} == set(REPORTED)
-    # This artefact has no input gate: nothing is reported as refused by one.
-    assert result["baseline"].get("refused_by_gate") is None
-    # The baseline is the served artefact's own scores at its own threshold.
-    expected = point_metrics(labels, artefact.probabilities(images), artefact.decision.threshold)
-    for key in REPORTED:
-        assert result["baseline"][key] == pytest.approx(expected[key], abs=1e-4), key
-    assert set(result["shifts"]) == set(shifts)
-    for metrics in result["shifts"].values():
-        for key in REPORTED:
-            assert metrics[f"{key}_change"] == pytest.approx(metrics[key] - result["baseline"][key], abs=1e-3)
-    for key in ("roc_auc", "accuracy", "sensitivity", "specificity"):
-        assert result["worst_change"][key] == min(m[f"{key}_change"] for m in result["shifts"].values())
-    # Calibration gets worse as ECE rises: its worst change is the largest.
-    assert result["worst_change"]["ece"] == max(m["ece_change"] for m in result["shifts"].values())
-    # Seeded: the noise shift draws the same noise every time.
-    assert measure(artefact, images, labels, shifts, seed=0) == result
+class BrightnessModel:
+    """Stands in for the serving artefact: an image's probability (and out-of-distribution score) is its
+    mean brightness, thresholded at 0.6, refused by the gate above `limit`."""
+
+    def __init__(self, limit: float | None) -> None:
+        self.decision = SimpleNamespace(threshold=0.6, ood_limit=limit)
+
+    def scores(self, images: np.ndarray) -> SimpleNamespace:
+        mean = images.mean(axis=(1, 2))
+        return SimpleNamespace(probability=mean / 255.0, ood=mean)
+
+
+def test_measure_reports_each_shift_against_the_baseline_at_the_served_threshold():
+    # Normals at 0.51-0.57, pneumonias at 0.67-0.73: all told apart at the threshold of 0.6, not at 0.5.
+    images = np.stack([np.full((8, 8), value, dtype=np.uint8) for value in (130, 135, 140, 145, 170, 175, 180, 185)])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    shifts = {"unchanged": lambda pixels, rng: pixels.copy(), "inverted": lambda pixels, rng: 255 - pixels,
+              "brighter": brightness(40), "noise": _noisy}
+    result = measure(BrightnessModel(limit=200.0), images, labels, shifts, seed=0)
+    assert result["baseline"] | {"ece": 0} == {"roc_auc": 1.0, "accuracy": 1.0, "sensitivity": 1.0,
+                                               "specificity": 1.0, "ece": 0, "refused_by_gate": 0.0}
+    assert set(result["shifts"]["unchanged"].items()) >= {(f"{key}_change", 0.0) for key in REPORTED}
+    # Inverted, every pneumonia falls below the threshold and the ranking turns over: the worst change.
+    inverted = result["shifts"]["inverted"]
+    assert (inverted["roc_auc_change"], inverted["sensitivity_change"]) == (-1.0, -1.0)
+    assert result["worst_change"]["roc_auc"] == result["worst_change"]["sensitivity"] == -1.0
+    # Calibration gets worse as ECE rises: the worst ECE change is the largest rise.
+    assert inverted["ece_change"] > 0.1 and result["worst_change"]["ece"] == inverted["ece_change"]
+    # Brighter, the gate refuses the pneumonias, yet the metrics still count every image.
+    brighter = result["shifts"]["brighter"]
+    assert brighter["refused_by_gate"] == 0.5 and brighter["sensitivity"] == 1.0
+    # Without a gate nothing is reported as refused; seeded, the noise is the same every time.
+    assert measure(BrightnessModel(limit=None), images, labels, shifts, seed=0)["baseline"]["refused_by_gate"] is None
+    assert measure(BrightnessModel(limit=200.0), images, labels, shifts, seed=0) == result
+
+
+def _noisy(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)

@@ -89,7 +89,9 @@ def test_pyfunc_frame_has_a_row_per_image_and_nulls_not_nans(predictor):
     out = predictions_frame(predictor, frame)
     assert list(out.columns) == OUTPUT_COLUMNS and len(out) == 3
     assert out.loc[0, "label"] in ("NORMAL", "PNEUMONIA") and out.loc[0, "error"] is None
-    assert out.loc[1, "probability"] is None and "not a recognised image" in out.loc[1, "error"]
+    assert out.loc[0, "triage"] in ("NORMAL", "PNEUMONIA", "REVIEW") and 0 <= out.loc[0, "probability_viral"] <= 1
+    assert out.loc[1, "probability_pneumonia"] is None and "not a recognised image" in out.loc[1, "error"]
+    assert out.loc[1, "triage"] is None and out.loc[1, "probability_viral"] is None
     assert out.loc[2, "error"] == "no image data"
     assert (out["threshold"] == predictor.threshold).all()
     with pytest.raises(ValueError, match="column 'image'"):
@@ -108,3 +110,67 @@ def test_model_uris_resolve_to_the_artefact(tiny_bundle, tmp_path):
     (tmp_path / "bad" / "model.onnx").write_bytes(b"not onnx")
     with pytest.raises(ModelUnavailableError, match="missing or corrupt"):
         load_artefact(str(tmp_path / "bad"))
+
+
+@pytest.fixture(scope="module")
+def network():
+    """One tiny network whose orientation head can be set to any answer (the trunk stays the same)."""
+    import keras
+
+    from tests.helpers import tiny_keras_model
+
+    keras.utils.set_random_seed(5)
+    return tiny_keras_model(orientation=None)
+
+
+def predictor_sure_of(network, orientation: int | None, **decision) -> Predictor:
+    """A predictor on `network` whose orientation head says `orientation` of every image (None: unsure)."""
+    from pipeline.artefact import build
+    from pipeline.model import ORIENTATION_OUTPUT_NAME
+    from serving.decision import Decision
+
+    head = network.get_layer(ORIENTATION_OUTPUT_NAME)
+    kernel, bias = head.get_weights()
+    answer = np.zeros_like(bias) if orientation is None else np.where(np.arange(len(bias)) == orientation, 12.0, 0.0)
+    head.set_weights([np.zeros_like(kernel), answer.astype(bias.dtype)])
+    return Predictor(ServingArtefact(build(network, Decision(**{"threshold": 0.5, "threshold_rule": "youden",
+                                                                 "input_size": 64, **decision}))))
+
+
+@pytest.mark.parametrize("orientation", [1, 2, 3, 4, 6])
+def test_a_turned_or_mirrored_xray_is_put_back_upright_scored_and_said_so(network, orientation):
+    from serving.orientation import ORIENTATIONS
+    from serving.orientation import orient as put
+
+    upright_grey = factory.xray()
+    turned = factory.png(put(upright_grey, orientation))
+    sure = predictor_sure_of(network, orientation).predict([("x", turned)], with_cam=True)[0]
+    plain = predictor_sure_of(network, 0).predict([("x", factory.png(upright_grey))], with_cam=True)[0]
+    assert sure.scored and sure.error is None
+    assert sure.probability == pytest.approx(plain.probability, abs=1e-6)
+    assert ORIENTATIONS[orientation] in sure.note and "upright before scoring" in sure.note
+    np.testing.assert_array_equal(sure.grey, upright_grey)  # the map is drawn on what was scored
+    assert plain.note is None
+
+
+def test_an_xray_whose_orientation_is_unclear_is_refused_with_what_to_do(network):
+    result = predictor_sure_of(network, None).predict([("x", factory.xray_jpeg_bytes())])[0]
+    assert not result.scored and "which way up" in result.error and "head at the top" in result.error
+    assert result.triage is None and result.subtype is None and result.probability_viral is None
+
+
+def test_triage_and_subtype_follow_the_decision(network):
+    data = [("x", factory.xray_jpeg_bytes())]
+    probability = predictor_sure_of(network, 0).predict(data)[0].probability
+    below = predictor_sure_of(network, 0, threshold=0.0, triage={"normal_below": 0.0, "pneumonia_from": 1.0})
+    result = below.predict(data)[0]
+    # Labelled PNEUMONIA at threshold 0, but inside the band: a reader looks at it.
+    assert result.label == "PNEUMONIA" and result.triage == "REVIEW"
+    assert result.subtype in ("BACTERIAL", "VIRAL")
+    decided = predictor_sure_of(network, 0, threshold=0.0, subtype_threshold=0.0,
+                                triage={"normal_below": 0.0, "pneumonia_from": 0.0}).predict(data)[0]
+    assert decided.triage == "PNEUMONIA" and decided.subtype == "VIRAL"
+    normal = predictor_sure_of(network, 0, threshold=1.0, triage={"normal_below": 1.0, "pneumonia_from": 1.0})
+    result = normal.predict(data)[0]
+    assert result.label == "NORMAL" and result.triage == "NORMAL" and result.subtype is None
+    assert result.probability == pytest.approx(probability) and result.probability_viral is not None

@@ -4,7 +4,7 @@
   dvc.yaml, so a change to it reruns the stage;
 - no stage imports another stage;
 - every output dvc.yaml declares is a path named in pipeline/paths.py;
-- the serving package imports nothing from the training package, nor TensorFlow or Keras.
+- the app and the serving package import nothing from the training package, nor TensorFlow or Keras.
 """
 
 from __future__ import annotations
@@ -86,11 +86,18 @@ def test_declared_outputs_are_the_paths_module_names():
 
 
 def test_serving_imports_neither_training_code_nor_tensorflow():
-    for path in sorted((PROJECT / "serving").glob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            for module in names:
-                top = module.split(".")[0]
-                assert top not in ("pipeline", "tensorflow", "keras", "tf2onnx"), f"{path.name} imports {module}"
+    """app.py and serving/ import nothing from `pipeline`, TensorFlow, Keras or tf2onnx, at module level or
+    inside a function: the serving process runs an ONNX graph only."""
+    forbidden = {"pipeline", "tensorflow", "keras", "tf_keras", "tf2onnx"}
+    problems = []
+    for path in [PROJECT / "app.py", *sorted((PROJECT / "serving").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module or ""]
+            else:
+                continue
+            problems += [f"{path.name}:{node.lineno} imports {module}" for module in modules
+                         if module.split(".")[0] in forbidden]
+    assert not problems, problems
