@@ -71,7 +71,12 @@ test-all: setup-dev setup-scale web
 lint: setup-dev
 	ruff check pipeline serving tests benchmarks docs app.py
 
+# The on-device page's runtime is built first where npm is installed; the server page needs none of it.
+WEB_MISSING := the 'On this device' page needs its runtime (make web)
 app: setup
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory web \
+		|| echo "make web failed (offline?): $(WEB_MISSING); the server page works"; \
+	else echo "npm not found: $(WEB_MISSING): install Node.js 20+ with npm, then make app again"; fi
 	python app.py
 
 export: setup
@@ -112,8 +117,11 @@ $(WEB)/vendor/.built: $(WEB)/package.json $(WEB)/package-lock.json
 benchmark: setup-dev
 	python benchmarks/app_benchmark.py --output benchmarks/results.json
 
+# The UI alone: with job execution on, `mlflow ui` also starts a job runner and huey consumers (11 processes,
+# ~2.7 GB here) that browsing runs and models never uses.
 mlflow-ui: setup
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db \
+		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers 1
 
 clean:
 	rm -rf $(VENV) $(TOOLS)

@@ -87,47 +87,101 @@ def _logit(probabilities: np.ndarray) -> np.ndarray:
 
 
 def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool) -> dict[str, Any]:
-    import mlflow
-
     from pipeline import train
-    from pipeline.arrays import load_split
     from pipeline.params import load_params
-    from serving.runtime import ServingArtefact
 
     params = load_params()
     seed = params.seed if seed is None else seed
     recipe = with_overrides(params.train, assignments)
-    splits = {name: load_split(name) for name in ("train", "val", "test", "external")}
+    splits = load_splits()
     history: list[float] = []
     train.make_deterministic(seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch, _maybe_run(log_to_mlflow, name):
         model, rows = train.fit(recipe, seed, splits["train"], splits["val"], Path(scratch) / "best.weights.h5",
                                 callbacks=[external_auc_callback(splits["external"], history)])
-        seconds = time.perf_counter() - started
+        training = {"train_seconds": round(time.perf_counter() - started), "epochs": len(rows),
+                    "best_epoch": int(max(rows, key=lambda row: row["val_auc"])["epoch"]),
+                    "external_auc_by_epoch": history, "val_auc_by_epoch": [round(row["val_auc"], 4) for row in rows]}
+        # Kept (git-ignored) before scoring, so that a run can be scored again (`--rescore`).
         MODELS.mkdir(parents=True, exist_ok=True)
-        model.save(MODELS / f"{name}.keras")  # kept (git-ignored), so a run can be scored again
-        from pipeline.artefact import build
-        from serving.decision import Decision
+        model.save(MODELS / f"{name}.keras")
+        (MODELS / f"{name}.json").write_text(json.dumps(training) + "\n", encoding="utf-8")
+        return score(name, assignments, seed, model, splits, training, log_to_mlflow)
 
-        crop = model.get_layer("centre_crop").height / model.input_shape[1] if recipe.crop < 1 else 1.0
-        served = ServingArtefact(build(model, Decision(0.5, "none", int(model.input_shape[1]), crop=crop)))
-        scores = {split: served.probabilities(data.images) for split, data in splits.items() if split != "train"}
-        result = {
-            "name": name, "settings": assignments, "seed": seed, "train_seconds": round(seconds),
-            "epochs": len(rows), "best_epoch": int(max(rows, key=lambda row: row["val_auc"])["epoch"]),
-            "roc_auc": {split: auc_with_ci(splits[split].labels, values, seed) for split, values in scores.items()},
-            "external_specificity_at": {str(s): specificity_at(splits["external"].labels, scores["external"], s)
-                                        for s in SENSITIVITIES},
-            "external_auc_by_epoch": history,
-            "val_auc_by_epoch": [round(row["val_auc"], 4) for row in rows],
-        }
-        if log_to_mlflow:
-            mlflow.log_params({"settings": " ".join(assignments) or "(params.yaml)", "seed": seed})
-            mlflow.log_metrics({f"{split}_roc_auc": values["value"] for split, values in result["roc_auc"].items()})
+
+def rescore(name: str, assignments: list[str], seed: int | None) -> dict[str, Any]:
+    """Score a saved run again (its training record from models/recipe-search/NAME.json, or else from its
+    MLflow run's epoch metrics; the per-epoch external diagnostic is then unknown)."""
+    import keras
+
+    from pipeline.params import load_params
+
+    seed = load_params().seed if seed is None else seed
+    model = keras.models.load_model(MODELS / f"{name}.keras", compile=False, safe_mode=True)
+    record = MODELS / f"{name}.json"
+    training = json.loads(record.read_text()) if record.is_file() else _training_from_mlflow(name)
+    return score(name, assignments, seed, model, load_splits(), training, log_to_mlflow=False)
+
+
+def load_splits() -> dict[str, Any]:
+    from pipeline.arrays import load_split
+
+    return {name: load_split(name) for name in ("train", "val", "test", "external")}
+
+
+def score(name: str, assignments: list[str], seed: int, model, splits: dict[str, Any], training: dict[str, Any],
+          log_to_mlflow: bool) -> dict[str, Any]:
+    """Raw scores of the served artefact (no calibration: ROC-AUC is threshold-free) on every split."""
+    import mlflow
+
+    from pipeline.artefact import build
+    from serving.decision import Decision
+    from serving.runtime import ServingArtefact
+
+    size = int(model.input_shape[1])
+    crop = model.get_layer("centre_crop").height / size if "centre_crop" in [layer.name for layer in model.layers] else 1.0
+    served = ServingArtefact(build(model, Decision(0.5, "none", size, crop=crop)))
+    scores = {split: served.scores(data.images) for split, data in splits.items() if split != "train"}
+    external = splits["external"]
+    result = {
+        "name": name, "settings": assignments, "seed": seed, **training,
+        "roc_auc": {split: auc_with_ci(splits[split].labels, values.probability, seed) for split, values in scores.items()},
+        "external_specificity_at": {str(s): specificity_at(external.labels, scores["external"].probability, s)
+                                    for s in SENSITIVITIES},
+        "external_viral_roc_auc": viral_auc(external, scores["external"].viral, seed),
+    }
+    if log_to_mlflow:
+        mlflow.log_params({"settings": " ".join(assignments) or "(params.yaml)", "seed": seed})
+        mlflow.log_metrics({f"{split}_roc_auc": values["value"] for split, values in result["roc_auc"].items()})
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
+
+
+def viral_auc(split, raw_viral: np.ndarray, seed: int) -> dict[str, float] | None:
+    """Bacterial (0) or viral (1) ROC-AUC among the pneumonia images of known kind (raw: Platt is monotone)."""
+    from pipeline.arrays import NO_SUBTYPE
+
+    known = split.subtypes != NO_SUBTYPE
+    return auc_with_ci(split.subtypes[known], raw_viral[known], seed) if known.any() else None
+
+
+def _training_from_mlflow(name: str) -> dict[str, Any]:
+    import mlflow
+
+    from pipeline.registry import ensure_experiment
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([ensure_experiment("recipe-search")], f"attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise SystemExit(f"no saved training record and no MLflow run named {name}")
+    run_id = runs[0].info.run_id
+    val = [m.value for m in sorted(client.get_metric_history(run_id, "val_auc"), key=lambda m: m.step)]
+    seconds = sum(m.value for m in client.get_metric_history(run_id, "seconds"))
+    return {"train_seconds": round(seconds), "epochs": len(val), "best_epoch": int(np.argmax(val)) + 1,
+            "external_auc_by_epoch": [], "val_auc_by_epoch": [round(v, 4) for v in val]}
 
 
 class _maybe_run:
@@ -177,13 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="another seed than params.yaml's")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     parser.add_argument("--table", action="store_true", help="print the table of results and stop")
+    parser.add_argument("--rescore", action="store_true", help="score the saved model of run NAME again")
     args = parser.parse_args(argv)
     if args.table:
         print(table())
         return 0
     if not args.name:
         parser.error("a NAME for the run is needed")
-    result = run(args.name, args.assignments, args.seed, not args.no_mlflow)
+    if args.rescore:
+        result = rescore(args.name, args.assignments, args.seed)
+    else:
+        result = run(args.name, args.assignments, args.seed, not args.no_mlflow)
     print(json.dumps({key: result[key] for key in ("name", "roc_auc", "external_specificity_at")}))
     return 0
 

@@ -133,7 +133,14 @@ def cross_fitted(split: Split, raw: np.ndarray, params: EvaluateParams, seed: in
 def fit_viral(split: Split, raw_viral: np.ndarray) -> tuple[float, float]:
     """Platt scaling of the viral head on the split's pneumonia images whose kind is known."""
     known = split.subtypes != NO_SUBTYPE
-    return fit_calibration(split.subtypes[known], raw_viral[known], "platt")
+    return _platt(split.subtypes[known], raw_viral[known])
+
+
+def _platt(kinds: np.ndarray, raw: np.ndarray) -> tuple[float, float]:
+    """Platt's (temperature, bias); none (1, 0) where the images hold fewer than two of either kind."""
+    if min(np.sum(kinds == 0), np.sum(kinds == 1)) < 2:
+        return 1.0, 0.0
+    return fit_calibration(kinds, raw, "platt")
 
 
 def cross_fitted_viral(split: Split, raw_viral: np.ndarray, params: EvaluateParams, seed: int) -> np.ndarray:
@@ -141,8 +148,10 @@ def cross_fitted_viral(split: Split, raw_viral: np.ndarray, params: EvaluatePara
     calibrated = raw_viral.copy()
     known = np.flatnonzero(split.subtypes != NO_SUBTYPE)
     kinds, patients = split.subtypes[known], split.patients[known]
+    if len(set(patients.tolist())) < params.cross_fit_folds or len(set(kinds.tolist())) < 2:
+        return calibrated  # too few pneumonias of known kind to cross-fit (a tiny or unnamed data set)
     for fitted_on, held_out in _folds(kinds, patients, params, seed):
-        temperature, bias = fit_calibration(kinds[fitted_on], raw_viral[known[fitted_on]], "platt")
+        temperature, bias = _platt(kinds[fitted_on], raw_viral[known[fitted_on]])
         calibrated[known[held_out]] = apply_temperature(raw_viral[known[held_out]], temperature, bias)
     return calibrated
 
@@ -192,7 +201,7 @@ def split_report(split: Split, raw: np.ndarray, figures: Reported, out_of_fold: 
         # Bacterial (0) or viral (1), among the pneumonia images whose kind is known.
         "subtype": {"images": int(known.sum()),
                     "metrics": metrics_with_ci(split.subtypes[known], figures.viral[known], SUBTYPE_THRESHOLD,
-                                               params.bootstrap_resamples, seed)},
+                                               params.bootstrap_resamples, seed) if known.any() else {}},
         "triage": triage_metrics(split.labels, figures.probabilities, figures.normal_below, figures.pneumonia_from),
     }
 
@@ -223,7 +232,8 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
             figures[split] = {name: metrics[name]["value"] for name in names}
     chosen = report["splits"].get(report["calibration_split"])
     if chosen is not None:
-        figures["subtype"] = {name: chosen["subtype"]["metrics"][name]["value"] for name in SUBTYPE_HEADLINE}
+        subtype = chosen["subtype"]["metrics"]
+        figures["subtype"] = {name: subtype[name]["value"] if subtype else None for name in SUBTYPE_HEADLINE}
         figures["triage"] = {name: chosen["triage"][name] for name in TRIAGE_HEADLINE}
     return figures
 
@@ -233,6 +243,7 @@ def build_decision(report: dict[str, Any], params: EvaluateParams, keras_model,
     run = read_json(RUN_FILE)
     return Decision(
         threshold=report["threshold"], threshold_rule=params.threshold_rule,
+        target_sensitivity=params.target_sensitivity if params.threshold_rule != "youden" else None,
         input_size=int(keras_model.input_shape[1]), crop=crop,
         calibration={"method": params.calibration, "temperature": report["temperature"],
                      "bias": report["calibration_bias"], "fitted_on": report["calibration_split"]},
@@ -242,6 +253,9 @@ def build_decision(report: dict[str, Any], params: EvaluateParams, keras_model,
         run_id=run["run_id"], data_digest=run["data_digest"],
         metrics={split: values["metrics"] for split, values in report["splits"].items()},
         images={split: values["images"] for split, values in report["splits"].items()},
+        subtype_metrics={split: values["subtype"]["metrics"] for split, values in report["splits"].items()},
+        triage_metrics={split: values["triage"] for split, values in report["splits"].items()},
+        subgroups=report.get("subgroups", {}),
     )
 
 

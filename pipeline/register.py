@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from pipeline.common import git_commit, read_json, setup_logging, stage_errors, 
 from pipeline.export import write_bundle
 from pipeline.metrics import point_metrics
 from pipeline.params import RegisterParams, stage_params
-from pipeline.paths import ARTEFACT_FILE, REGISTERED_DIR, REGISTRY_FILE, RUN_FILE
+from pipeline.paths import ARTEFACT_FILE, REGISTERED_DIR, REGISTRY_FILE, ROBUSTNESS_FILE, RUN_FILE
 from pipeline.registry import MODEL_NAME, PRODUCTION_ALIAS, TrackingUnavailableError, configure_tracking
 from serving import decision as decision_store
 from serving.pyfunc import ARTEFACT_KEY, SIGNATURE
@@ -118,6 +119,12 @@ def log_serving_model(run_id: str, artefact_path: Path) -> str:
     return info.model_uri
 
 
+def served_robustness() -> dict[str, Any]:
+    """What the robustness stage measured through the serving path (turned, mirrored, noisy copies), for the
+    model card; empty when it did not run."""
+    return read_json(ROBUSTNESS_FILE).get("served", {}) if ROBUSTNESS_FILE.is_file() else {}
+
+
 def register(params: RegisterParams) -> dict[str, Any]:
     configure_tracking()
     client = MlflowClient()
@@ -127,7 +134,7 @@ def register(params: RegisterParams) -> dict[str, Any]:
     previous_version, previous_score = production_score(client, split, metric)
     new_score = score(new_model, split, metric)
     expected = next_version(client)
-    decision = new_model.decision.registered(MODEL_NAME, expected)
+    decision = replace(new_model.decision.registered(MODEL_NAME, expected), robustness=served_robustness())
     with tempfile.TemporaryDirectory() as scratch:
         staged = Path(scratch) / ARTEFACT_NAME
         staged.write_bytes(decision_store.write(ARTEFACT_FILE.read_bytes(), decision))

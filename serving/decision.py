@@ -41,6 +41,8 @@ class Decision:
     threshold_rule: str
     input_size: int
     calibration: dict[str, Any] = field(default_factory=dict)
+    # The sensitivity the threshold rule aimed at (the sensitivity rules), or None.
+    target_sensitivity: float | None = None
     # The central fraction of the image side the network sees; the CAM covers that region only.
     crop: float = 1.0
     class_names: tuple[str, str] = CLASS_NAMES
@@ -53,6 +55,14 @@ class Decision:
     # split -> metric -> {"value", "ci_low", "ci_high"}; split -> image count.
     metrics: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     images: dict[str, int] = field(default_factory=dict)
+    # The same for bacterial/viral among the pneumonia images of known kind (split -> metric -> values),
+    # triage figures (split -> review_share, decided_accuracy...), and the share called pneumonia per
+    # subgroup (split -> group -> {"images", "called_pneumonia"}).
+    subtype_metrics: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    triage_metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    subgroups: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # What the serving path does with turned, mirrored and noisy copies (pipeline.robustness, `served`).
+    robustness: dict[str, Any] = field(default_factory=dict)
     # The out-of-distribution gate: score name and the limit above which an image is refused.
     ood: dict[str, Any] = field(default_factory=dict)
     # A pneumonia is called VIRAL when its calibrated probability of being viral reaches this.

@@ -1,6 +1,7 @@
 """Where the app works around Gradio 6.31, kept apart so each can go when Gradio fixes it.
 
-- `UploadBox`: `gr.File` without the empty temporary file it leaks per uploaded file.
+- `UploadBox`: `gr.File` without the empty temporary file it leaks per uploaded file, and with an API
+  example that is one of the app's own example files.
 - `write_heatmap`: an output image written once and atomically (Gradio rewrites array outputs in place).
 - `private_cache` / `purge_cache`: uploads and heatmaps in a folder of this process only, deleted when it
   stops (SIGTERM, SIGINT, Ctrl-C or a normal exit), and folders left by killed processes swept at start;
@@ -37,11 +38,31 @@ class UploadBox(gr.File):
     upload's own cached copy, exactly as before."""
 
     is_template = True  # drawn by the frontend's File component, as a gr.File
+    api_example: str | None = None
 
     def _process_single_file(self, f: Any) -> Any:
         if self.type == "filepath" and not self.file_types:
             return NamedString(f.path)
         return super()._process_single_file(f)
+
+    def with_api_example(self, path: str | None) -> UploadBox:
+        """Have the API page's snippets send `path` (relative to where the client runs) instead of Gradio's
+        sample PDF from the internet, which the app would refuse."""
+        self.api_example = path
+        return self
+
+    def example_payload(self) -> Any:
+        if self.api_example is None:
+            return super().example_payload()
+        # The API page writes `handle_file('<url>')` for a FileData with a url: here a relative path.
+        payload = {"path": self.api_example, "url": self.api_example, "orig_name": Path(self.api_example).name,
+                   "meta": {"_type": "gradio.FileData"}}
+        return payload if self.file_count == "single" else [payload]
+
+    def example_value(self) -> Any:
+        if self.api_example is None:
+            return super().example_value()
+        return self.api_example if self.file_count == "single" else [self.api_example]
 
 
 def write_heatmap(overlay: np.ndarray) -> str:

@@ -4,9 +4,10 @@ The app gets a second page, "On this device" (`add_page`), beside the server pag
 modules in `serving/web/`) fetches three things from this server, once per page load, and nothing else:
 
 - `/ondevice/config.json`: the decision metadata, read from the served artefact through `serving.decision`
-  (threshold, input size, crop, class names, the out-of-distribution limit), plus the limits and
-  plausibility checks of `serving.pixels` / `serving.checks` and the overlay palette of `serving.overlay`,
-  so the page decides exactly as the server does;
+  (threshold, input size, crop, class names, the out-of-distribution limit, triage band, subtype threshold,
+  orientation confidence), plus the limits and plausibility checks of `serving.pixels` / `serving.checks`,
+  the overlay palette of `serving.overlay` and the words the server uses (`words`: orientation names from
+  `serving.orientation`, the refusals of `serving.decision`), so the page decides exactly as the server does;
 - `/ondevice/model.onnx`: the bytes of the ONNX serving artefact the server itself loaded;
 - `/ondevice/<asset>`: one of a fixed list of files: the page's modules, and ONNX Runtime Web's module and
   WebAssembly binary and dicom-parser, copied from npm into `serving/web/vendor/` by `make web` (no CDN).
@@ -23,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -38,7 +40,18 @@ from starlette.routing import BaseRoute, Route
 
 from serving import checks, overlay, pixels
 from serving.card import NOT_A_DEVICE
-from serving.decision import CAM_OUTPUT, INPUT_NAME, OOD_OUTPUT, PROBABILITY_OUTPUT
+from serving.decision import (
+    CAM_OUTPUT,
+    INPUT_NAME,
+    OOD_OUTPUT,
+    ORIENTATION_OUTPUT,
+    PROBABILITY_OUTPUT,
+    REVIEW,
+    SUBTYPE_NAMES,
+    VIRAL_OUTPUT,
+    Decision,
+)
+from serving.orientation import ORIENTATIONS, UPRIGHT
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +62,7 @@ MAIN_PAGE_NAME = "On the server"
 WEB_DIR = Path(__file__).parent / "web"
 VENDOR_DIR = WEB_DIR / "vendor"
 # The page's own ES modules, and what `make web` copies from node_modules: the only files served.
-MODULES = ("ondevice.js", "imaging.js", "decode.js", "dicom.js")
+MODULES = ("ondevice.js", "imaging.js", "decode.js", "dicom.js", "decision.js")
 ORT_MODULE = "ort.wasm.min.mjs"  # ONNX Runtime Web, WebAssembly backend only
 ORT_WASM = ("ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")  # loaded by ORT_MODULE
 DICOM_PARSER = "dicomParser.min.js"
@@ -59,6 +72,19 @@ DEFAULT_MAX_FILES = 16
 DEFAULT_OVERLAY_MAX_SIDE = 512
 NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 REVALIDATE = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+# The note serving.runtime.Predictor attaches to a turned or mirrored X-ray it put back upright ("{orientation}":
+# a name of serving.orientation.ORIENTATIONS); the browser parity test checks the page's notes equal the server's.
+UPRIGHT_NOTE = "the image was {orientation}; it was put back upright before scoring"
+# Probabilities are shown in percent with one decimal, below the floor as "< 0.1%" and above the ceiling as
+# "> 99.9%", as the server page shows them (serving.card.percent; a test compares the two); results exposed
+# to programs keep the raw 0..1 values.
+PERCENT_FLOOR, PERCENT_CEILING = 0.001, 0.999
+# The next step, shown after a refusal that does not already say what to do (the decoder's and checks'
+# messages, which stay word for word the server's).
+NEXT_STEP = ("Choose the chest X-ray itself (PNG, JPEG or DICOM, as the X-ray system exports it), or use the "
+             f"“{MAIN_PAGE_NAME}” page")
+# Where a program finds the server's API: FastAPI's docs when the app has them, else Gradio's API page.
+API_PAGE = "?view=api"
 
 INTRO = f"""
 # Screen on this device
@@ -78,25 +104,65 @@ for the model, its metadata and the runtime, all from this server; none carries 
 {checks.CHECKS_TEXT} The map shows where the model looked, **not where a lesion is**.
 """
 
-# The page's markup; ondevice.js fills it. Ids are what the tests and the script look for.
+# The page's markup; ondevice.js fills it. Ids are what the tests and the script look for. The results table
+# turns into one block per file on a narrow screen (PAGE_CSS), so every decision fits a phone's width.
 PAGE_HTML = """
 <div id="ondevice" class="ondevice">
-  <p id="ondevice-status" role="status" style="font-weight:600">Starting on-device screening...</p>
-  <div id="ondevice-drop" style="border:1px dashed #999;border-radius:8px;padding:16px;margin:8px 0">
+  <p id="ondevice-status" role="status">Starting on-device screening...</p>
+  <div id="ondevice-drop" class="ondevice-drop">
     <label for="ondevice-files">Chest X-rays (PNG, JPEG or DICOM), read on this device:</label>
     <input id="ondevice-files" type="file" multiple disabled>
   </div>
-  <p id="ondevice-label" style="font-size:1.2em;font-weight:600"></p>
-  <canvas id="ondevice-heatmap" hidden style="max-width:100%;height:auto"
-          aria-label="Where the model looked (not where a lesion is)"></canvas>
-  <div id="ondevice-summary"></div>
-  <table id="ondevice-results" hidden>
-    <thead><tr><th>file</th><th>probability of pneumonia</th><th>result</th><th>note</th></tr></thead>
-    <tbody></tbody>
-  </table>
-  <p id="ondevice-timing" style="color:#666"></p>
+  <section id="ondevice-result" class="ondevice-result" tabindex="-1" aria-label="Results">
+    <p id="ondevice-label"></p>
+    <canvas id="ondevice-heatmap" hidden role="img"
+            aria-label="Where the model looked (not where a lesion is)"></canvas>
+    <div id="ondevice-summary"></div>
+    <table id="ondevice-results" hidden>
+      <caption>Every file's result</caption>
+      <thead><tr><th scope="col">File</th><th scope="col">Probability of pneumonia</th><th scope="col">Result</th>
+        <th scope="col">Triage</th><th scope="col">Subtype</th><th scope="col">Probability viral</th>
+        <th scope="col">Note</th></tr></thead>
+      <tbody></tbody>
+    </table>
+    <p id="ondevice-timing"></p>
+  </section>
+  <p id="ondevice-api">For programs: <a id="ondevice-api-link" href="./?view=api">the server's API
+    documentation</a> (this page has no API of its own: it sends nothing to the server).</p>
   <noscript>On-device screening needs JavaScript: use the “On the server” page instead.</noscript>
 </div>
+"""
+
+# Scoped to the component by Gradio (css_template). Narrow screens: no fixed widths, the table stacks.
+PAGE_CSS = """
+.ondevice { max-width: 100%; overflow-wrap: break-word; }
+.ondevice td:first-child, .ondevice #ondevice-summary { overflow-wrap: anywhere; }
+.ondevice #ondevice-status { font-weight: 600; }
+.ondevice .ondevice-drop { border: 1px dashed #777; border-radius: 8px; padding: 16px; margin: 8px 0;
+  box-sizing: border-box; max-width: 100%; }
+.ondevice .ondevice-drop label { display: block; margin-bottom: 8px; }
+.ondevice input[type=file] { display: block; box-sizing: border-box; max-width: 100%; width: 100%; }
+.ondevice #ondevice-label { font-size: 1.2em; font-weight: 600; }
+.ondevice canvas { display: block; max-width: 100%; height: auto; }
+.ondevice canvas[hidden], .ondevice table[hidden] { display: none; }
+.ondevice table { width: 100%; border-collapse: collapse; table-layout: auto; }
+.ondevice caption { text-align: left; font-weight: 600; padding: 4px 0; }
+.ondevice th, .ondevice td { text-align: left; vertical-align: top; padding: 4px 6px;
+  border-bottom: 1px solid #ccc; }
+.ondevice #ondevice-timing { color: #555; }
+.ondevice a { text-decoration: underline; }
+.ondevice input:focus-visible, .ondevice a:focus-visible { outline: 3px solid #1a56db; outline-offset: 2px; }
+.ondevice section:focus { outline: none; }
+.ondevice .ondevice-drop:focus-within { border-color: #1a56db; border-style: solid; }
+@media (max-width: 640px) {
+  .ondevice table, .ondevice tbody, .ondevice tr, .ondevice td, .ondevice caption { display: block; width: 100%;
+    box-sizing: border-box; }
+  .ondevice thead { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); }
+  .ondevice tr { border: 1px solid #ccc; border-radius: 6px; margin: 8px 0; padding: 4px 0; }
+  .ondevice td { border: none; padding: 2px 8px; }
+  .ondevice td:empty { display: none; }
+  .ondevice td::before { content: attr(data-label) ": "; font-weight: 600; }
+}
 """
 
 # Runs once the HTML component is on the page (Gradio's js_on_load, with `element` the component).
@@ -133,7 +199,7 @@ def add_page(demo: gr.Blocks, service: Any, max_file_bytes: int = pixels.MAX_FIL
     with demo.route(PAGE_NAME, PAGE_PATH):
         gr.Navbar(main_page_name=MAIN_PAGE_NAME)  # one per page
         gr.Markdown(INTRO)
-        gr.HTML(PAGE_HTML, js_on_load=MOUNT_JS % {"prefix": PREFIX, "main": MAIN_PAGE_NAME},
+        gr.HTML(PAGE_HTML, css_template=PAGE_CSS, js_on_load=MOUNT_JS % {"prefix": PREFIX, "main": MAIN_PAGE_NAME},
                 elem_id="ondevice-page", apply_default_css=True)
         gr.Markdown(FOOTNOTE)
     _ROUTES[demo] = routes(service, settings)
@@ -207,7 +273,9 @@ def page_config(service: Any, settings: PageSettings, served: ServedModel) -> di
     return {
         "decision": json.loads(artefact.decision.to_json()),
         "model": {"url": "model.onnx", "bytes": len(data), "sha256": digest},
-        "tensors": {"input": INPUT_NAME, "probability": PROBABILITY_OUTPUT, "cam": CAM_OUTPUT, "ood": OOD_OUTPUT},
+        "tensors": {"input": INPUT_NAME, "probability": PROBABILITY_OUTPUT, "cam": CAM_OUTPUT, "ood": OOD_OUTPUT,
+                    "viral": VIRAL_OUTPUT, "orientation": ORIENTATION_OUTPUT},
+        "words": page_words(artefact.decision),
         "limits": {"max_file_bytes": settings.max_file_bytes, "max_pixels": pixels.MAX_PIXELS,
                    "min_side": pixels.MIN_SIDE, "max_files": settings.max_files,
                    # Past this, Pillow refuses a file as a decompression bomb as it opens it (its own message).
@@ -220,6 +288,25 @@ def page_config(service: Any, settings: PageSettings, served: ServedModel) -> di
     }
 
 
+def page_words(decision: Decision) -> dict[str, Any]:
+    """The server's words the page shows, read from the Python modules (never retyped in JavaScript)."""
+    return {
+        "orientations": list(ORIENTATIONS), "upright": UPRIGHT, "upright_note": UPRIGHT_NOTE,
+        "review": REVIEW, "subtypes": list(SUBTYPE_NAMES),
+        "orientation_unclear": Decision.orientation_unclear(),
+        # The gate's refusal (None without a gate): its sentence does not depend on the score.
+        "gate_refusal": decision.refusal(math.inf),
+        "next_step": NEXT_STEP, "percent_floor": PERCENT_FLOOR, "percent_ceiling": PERCENT_CEILING,
+    }
+
+
+def api_docs_path(app: Any) -> str:
+    """The server's API documentation, relative to the app's root: FastAPI's /docs where the app has them
+    (a REST endpoint), else Gradio's "Use via API" page of the server page."""
+    docs = getattr(app, "docs_url", None)
+    return docs.lstrip("/") if docs else API_PAGE
+
+
 def routes(service: Any, settings: PageSettings | None = None) -> list[BaseRoute]:
     """The page's routes, under PREFIX: config.json, model.onnx and the fixed list of assets."""
     settings = settings or PageSettings()
@@ -228,7 +315,9 @@ def routes(service: Any, settings: PageSettings | None = None) -> list[BaseRoute
 
     def config(request: Request) -> Response:
         try:
-            return JSONResponse(page_config(service, settings, served), headers=NO_STORE)
+            found = page_config(service, settings, served)
+            found["api_docs"] = api_docs_path(request.scope.get("app"))
+            return JSONResponse(found, headers=NO_STORE)
         except ModelNotServable as error:
             return JSONResponse({"error": str(error)}, status_code=503, headers=NO_STORE)
         except Exception:  # a broken store must not take the page down: say so in one line

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]

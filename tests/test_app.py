@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import os
 import platform
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -47,10 +48,23 @@ def probability_of(service, data: bytes) -> float | None:
     return service.predictor.predict([("x", data)])[0].probability
 
 
-def expected_details(service, entries: list[tuple[str, float | None, str | None, str | None]]) -> dict:
-    return {"model_name": "tiny-test-model", "model_version": "7", "threshold": service.predictor.threshold,
-            "results": [{"file": name, "probability": probability, "label": label, "error": error}
-                        for name, probability, label, error in entries]}
+def expected_details(service, entries: list[tuple[str, Path | None, str | None]]) -> dict:
+    """The JSON's shape: the model, and per file its name, `Prediction.record()`'s fields and the gate score,
+    as the shared serving path gives them for the file at `path` (None: refused with `error`)."""
+    return {"model_name": "tiny-test-model", "model_version": "7", "model_source": "exported folder tiny",
+            "threshold": service.predictor.threshold,
+            "results": [expected_entry(service, name, path, error) for name, path, error in entries]}
+
+
+def expected_entry(service, name: str, path: Path | None, error: str | None) -> dict:
+    if path is None:
+        return {"file": name, "probability_pneumonia": None, "label": None, "error": error, "triage": None,
+                "subtype": None, "probability_viral": None, "note": None, "ood_score": None}
+    (prediction,) = service.predictor.predict([("x", Path(path).read_bytes())])
+    record = prediction.record()
+    for key in ("probability_pneumonia", "probability_viral"):
+        record[key] = pytest.approx(record[key], abs=1e-6)
+    return {"file": name, **record, "ood_score": prediction.ood_score}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,11 +116,13 @@ def test_every_supported_format_is_scored(app_module, service, tmp_path):
 
 def test_single_image_gives_label_with_threshold_and_heatmap(app_module, service):
     outcome = app_module.predict_files([str(EXAMPLES[0])], service)
-    ((key, probability),) = outcome.label.items()
     result = outcome.results[0]
-    assert probability == result.probability
-    assert key.startswith(result.label + ":")
-    assert f"threshold {service.predictor.threshold:.1%}" in key
+    text = outcome.result_text()
+    # The decision once, as the heading; the figures in percent, as everywhere on the page.
+    assert text.startswith(f"### {app_module.result_words(result)}\n")
+    assert text.count(app_module.result_words(result)) == 1
+    assert f"**{result.probability:.1%}**" in text and f"threshold of {service.predictor.threshold:.1%}" in text
+    assert f"**{result.label}**" in text and EXAMPLES[0].name in text
     assert outcome.overlay.dtype == np.uint8 and outcome.overlay.shape == (224, 224, 3)
     table = outcome.table()
     assert list(table.columns) == app_module.COLUMNS
@@ -129,17 +145,18 @@ def test_examples_exist_for_both_classes():
 def test_details_give_model_threshold_and_one_entry_per_file(app_module, service, tmp_path):
     bad = write(tmp_path, "notes.txt", b"patient notes, not an image\n" * 20)
     outcome = app_module.predict_files([str(EXAMPLES[0]), bad, str(EXAMPLES[-1])], service)
-    first, second = (probability_of(service, path.read_bytes()) for path in (EXAMPLES[0], EXAMPLES[-1]))
-    decision = service.predictor.decision
     details = outcome.details
     assert details == expected_details(service, [
-        (EXAMPLES[0].name, pytest.approx(first, abs=1e-6), decision.label(first), None),
-        ("notes.txt", None, None, "not a recognised image (expected PNG, JPEG or DICOM)"),
-        (EXAMPLES[-1].name, pytest.approx(second, abs=1e-6), decision.label(second), None),
+        (EXAMPLES[0].name, EXAMPLES[0], None),
+        ("notes.txt", None, "not a recognised image (expected PNG, JPEG or DICOM)"),
+        (EXAMPLES[-1].name, EXAMPLES[-1], None),
     ])
-    # Exactly what the table shows, and plain JSON (a client gets it as it is).
-    assert [[e["file"], e["label"] or "", e["error"] or ""] for e in details["results"]] == \
-        outcome.table()[["file", "result", "note"]].values.tolist()
+    # The rows the table shows: probabilities in percent there, fractions in the JSON; the same refusal.
+    table = outcome.table()
+    assert list(table["file"]) == [e["file"] for e in details["results"]]
+    assert list(table["probability of pneumonia"]) == [app_module.percent(e["probability_pneumonia"])
+                                                       for e in details["results"]]
+    assert table["note"][1].startswith(details["results"][1]["error"])
     assert json.loads(json.dumps(details)) == details
 
 
@@ -147,7 +164,7 @@ def test_details_of_a_request_with_nothing_scored(app_module, service, tmp_path)
     outcome = app_module.predict_files([write(tmp_path, "x.jpg", b"GIF89a garbage")], service)
     assert outcome.details["model_name"] == "tiny-test-model" and outcome.details["model_version"] == "7"
     (entry,) = outcome.details["results"]
-    assert entry["file"] == "x.jpg" and entry["probability"] is None and entry["label"] is None
+    assert entry["file"] == "x.jpg" and entry["probability_pneumonia"] is None and entry["label"] is None
     assert "not a recognised image" in entry["error"]
     assert app_module.predict_files([], service).details == {}  # nothing uploaded: nothing to describe
 
@@ -190,7 +207,8 @@ def test_bad_inputs_get_clear_messages_and_good_ones_are_still_scored(app_module
         assert fragment.lower() in note.lower(), (name, note)
         assert name in outcome.status
     assert results[EXAMPLES[0].name][0] is not None
-    assert outcome.label is not None and outcome.overlay is not None  # for the one good file
+    assert outcome.result_text() and outcome.overlay is not None  # for the one good file
+    assert outcome.shown == len(paths) - 1
     assert f"Scored 1 of {len(paths)} files" in outcome.status
 
 
@@ -215,14 +233,20 @@ def test_plausibility_refusals_come_from_serving_checks(app_module, service, tmp
 
 def test_only_bad_inputs_give_no_label_or_heatmap(app_module, service, tmp_path):
     outcome = app_module.predict_files([write(tmp_path, "x.jpg", b"GIF89a garbage")], service)
-    assert outcome.label is None and outcome.overlay is None
+    assert outcome.result_text() == "" and outcome.overlay is None and outcome.shown is None
     assert "not a recognised image" in outcome.results[0].error
     assert "Scored 0 of 1 file" in outcome.status
 
 
-def test_file_over_the_size_cap(app_module, service):
-    outcome = app_module.predict_files([str(EXAMPLES[0])], service, max_file_bytes=10_000)
-    assert "over the 10 kB limit" in outcome.results[0].error
+def test_a_file_over_the_size_limit_gets_its_row_and_the_others_are_scored(app_module, service, tmp_path):
+    big = write(tmp_path, "big.png", b"\x89PNG" + bytes(27_000_000))
+    outcome = app_module.predict_files([big, str(EXAMPLES[0])], service, max_file_bytes=20_000_000)
+    over, scored = outcome.results
+    assert over.error.startswith("file is 27 MB, over the 20 MB limit: not scored. Export the X-ray")
+    assert scored.scored and outcome.shown == 1
+    assert list(outcome.table()["result"]) == ["Not scored", app_module.result_words(scored)]
+    assert "Scored 1 of 2 files" in outcome.status and "`big.png`: file is 27 MB" in outcome.status
+    assert app_module.megabytes(100_000) == "0.1 MB" and app_module.megabytes(27_345_678) == "27.3 MB"
 
 
 def test_too_many_files(app_module, service):
@@ -336,7 +360,8 @@ def test_the_map_comes_from_the_one_model_run_that_scores(app_module, service, m
     real = artefact.run
 
     def counting(images, with_cam=False):
-        calls.append((len(images), with_cam))
+        if len(images):  # the (empty) second pass for turned X-rays runs nothing
+            calls.append((len(images), with_cam))
         return real(images, with_cam)
 
     monkeypatch.setattr(artefact, "run", counting)
@@ -413,7 +438,7 @@ def no_registered_model_service(app_module, tmp_path_factory):
 
 def page_load(demo):
     """The page-load event's function: (model panel, Screen button, no-model banner) updates."""
-    return next(event.fn for event in demo.fns.values() if event.fn.__name__ == "on_page_load")
+    return next(event.fn for event in demo.fns.values() if getattr(event.fn, "__name__", "") == "on_page_load")
 
 
 @pytest.mark.slow  # imports MLflow and creates its store: about 5 s
@@ -449,10 +474,11 @@ def test_missing_model_explains_how_to_train(app_module, no_model_service):
 
 def test_model_panel_shows_the_card(app_module, service, tiny_bundle):
     panel = app_module.model_panel(service)
-    for shown in ("tiny-test-model version 7", "2023-11-14 22:13 UTC", "`0123abc`", "0.5000", "youden",
-                  "calibration: platt", "12 images", "| ROC-AUC | 0.610 | 0.420 to 0.800 |", NOT_A_DEVICE,
-                  "exported folder tiny"):
+    for shown in ("tiny-test-model version 7", "2023-11-14 22:13 UTC", "`0123abc`", "50.0% probability of pneumonia",
+                  "(0.5000 in the JSON)", "Youden's index", "calibration: platt", "12 images",
+                  "| ROC-AUC | 0.610 | 0.420 to 0.800 |", NOT_A_DEVICE, "Served from `exported folder tiny` (version 7)"):
         assert shown in panel, shown
+    assert "uncommitted" not in panel  # the commit is clean
     assert str(tiny_bundle.parent) not in panel  # the page names the folder, not the server's paths
     panel_update, button, banner = page_load(app_module.create_demo(service))()
     assert panel_update["value"] == panel
@@ -504,7 +530,7 @@ def test_module_level_demo_is_bounded_and_cleans_its_cache(app_module):
 @pytest.fixture(scope="module")
 def live_app(app_module, service) -> Iterator[tuple[str, object]]:
     demo = app_module.create_demo(service=service, max_file_bytes=100_000)
-    url = launched(demo, max_file_size=100_000)
+    url = launched(demo, **app_module.launch_options(demo, 100_000))
     try:
         yield url, client_for(url)
     finally:
@@ -515,20 +541,16 @@ def test_client_prediction_through_the_named_endpoint(live_app, service):
     from gradio_client import handle_file
 
     _, client = live_app
-    label, heatmap_path, table, status, details = client.predict(handle_file(str(EXAMPLES[0])),
-                                                                 api_name="/predict")
-    probability = label["confidences"][0]["confidence"]
-    assert 0.0 <= probability <= 1.0
-    assert label["label"].split(":")[0] in CLASS_NAMES
+    result, heatmap_path, table, status, details = client.predict(handle_file(str(EXAMPLES[0])),
+                                                                  api_name="/predict")
     expected = probability_of(service, EXAMPLES[0].read_bytes())
-    assert probability == pytest.approx(expected, abs=1e-6)
+    assert f"**{expected:.1%}**" in result and result.startswith("### ")
     with Image.open(heatmap_path) as image:
         assert image.size == (224, 224) and image.mode == "RGB"
-    assert table["headers"] == ["file", "probability of pneumonia", "result", "note"]
-    assert table["data"][0][0] == EXAMPLES[0].name
+    assert table["headers"] == ["file", "result", "probability of pneumonia", "note"]
+    assert table["data"][0][0] == EXAMPLES[0].name and table["data"][0][2] == f"{expected:.1%}"
     assert "Scored 1 of 1 file" in status
-    assert details == expected_details(service, [(EXAMPLES[0].name, pytest.approx(expected, abs=1e-6),
-                                                  label["label"].split(":")[0], None)])
+    assert details == expected_details(service, [(EXAMPLES[0].name, EXAMPLES[0], None)])
 
 
 def test_client_several_files_give_a_table(live_app, tmp_path):
@@ -537,43 +559,47 @@ def test_client_several_files_give_a_table(live_app, tmp_path):
     _, client = live_app
     bad = write(tmp_path, "notes.txt", b"not an image")
     files = [handle_file(str(path)) for path in EXAMPLES] + [handle_file(bad)]
-    label, _, table, status, details = client.predict(files, api_name="/predict_files")
+    result, _, table, status, details = client.predict(files, api_name="/predict_files")
     assert [row[0] for row in table["data"]] == [path.name for path in EXAMPLES] + ["notes.txt"]
-    assert all(0.0 <= row[1] <= 1.0 and row[2] in CLASS_NAMES for row in table["data"][:-1])
-    assert table["data"][-1][1] is None and "not a recognised image" in table["data"][-1][3]
-    assert label["confidences"] and f"Scored {len(EXAMPLES)} of {len(EXAMPLES) + 1} files" in status
+    assert all(row[2].endswith("%") and row[1] != "Not scored" for row in table["data"][:-1])
+    assert table["data"][-1][1:3] == ["Not scored", ""] and "not a recognised image" in table["data"][-1][3]
+    assert result and f"Scored {len(EXAMPLES)} of {len(EXAMPLES) + 1} files" in status
     assert [entry["file"] for entry in details["results"]] == [row[0] for row in table["data"]]
-    assert [entry["label"] for entry in details["results"]] == [row[2] for row in table["data"][:-1]] + [None]
-    assert details["results"][-1]["error"] == table["data"][-1][3]
+    assert all(0.0 <= entry["probability_pneumonia"] <= 1.0 for entry in details["results"][:-1])
+    assert table["data"][-1][3].startswith(details["results"][-1]["error"])
 
 
-def test_client_non_image_gets_our_message(live_app, tmp_path):
+def test_client_non_image_gets_our_message(live_app, service, tmp_path):
     from gradio_client import handle_file
 
     _, client = live_app
     path = write(tmp_path, "report.pdf", b"%PDF-1.4 not really\n" * 10)
-    label, heatmap_path, table, status, details = client.predict(handle_file(path), api_name="/predict")
-    assert label in (None, {}) and heatmap_path is None
+    result, heatmap_path, table, status, details = client.predict(handle_file(path), api_name="/predict")
+    assert result == "" and heatmap_path is None
     row = table["data"][0]
-    assert row[0] == "report.pdf" and "not a recognised image (expected PNG, JPEG or DICOM)" in row[3]
+    assert row[0] == "report.pdf" and "not a recognised image (expected PNG, JPEG or DICOM). Send the X-ray" in row[3]
     assert "Scored 0 of 1 file" in status
-    assert details["results"] == [{"file": "report.pdf", "probability": None, "label": None, "error": row[3]}]
+    message = "not a recognised image (expected PNG, JPEG or DICOM)"
+    assert details == expected_details(service, [("report.pdf", None, message)])
 
 
-def test_oversize_upload_is_refused_by_the_server(live_app, tmp_path):
+def test_a_file_over_the_limit_gets_a_row_and_only_the_ceiling_is_refused(live_app, tmp_path):
     url, client = live_app
     noise = np.random.default_rng(1).integers(0, 256, (400, 400), dtype=np.uint8)
     big = write(tmp_path, "big.png", factory.png(noise))
-    assert Path(big).stat().st_size > 100_000
-    # Straight to the upload route, as a browser would: the server itself answers 413.
-    with open(big, "rb") as handle:
-        response = httpx.post(f"{url.rstrip('/')}/gradio_api/upload", files={"files": ("big.png", handle)})
-    assert response.status_code == 413
-    # gradio_client refuses before sending.
+    assert 100_000 < Path(big).stat().st_size < 500_000
     from gradio_client import handle_file
 
-    with pytest.raises(Exception, match="maximum file size"):
-        client.predict(handle_file(big), api_name="/predict")
+    # Over the app's 0.1 MB limit but under Gradio's ceiling: its own row, and the other file is scored.
+    _, _, table, status, _ = client.predict([handle_file(big), handle_file(str(EXAMPLES[0]))],
+                                            api_name="/predict_files")
+    assert re.match(r"file is 0\.1\d* MB, over the 0\.1 MB limit: not scored\. Export", table["data"][0][3])
+    assert table["data"][1][2].endswith("%") and "Scored 1 of 2 files" in status
+    # Over Gradio's ceiling (5 x the limit) the server itself answers 413, before anything is stored.
+    huge = write(tmp_path, "huge.png", bytes(600_000))
+    with open(huge, "rb") as handle:
+        response = httpx.post(f"{url.rstrip('/')}/gradio_api/upload", files={"files": ("huge.png", handle)})
+    assert response.status_code == 413
 
 
 def test_page_and_api_are_served(live_app):
@@ -583,7 +609,17 @@ def test_page_and_api_are_served(live_app):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/predict", "/predict_files"} <= set(api)
     for name in ("/predict", "/predict_files"):
-        assert len(api[name]["returns"]) == 5  # label, heatmap, table, status, details
+        endpoint = api[name]
+        # Named inputs and outputs, the structured result described, an example from examples/ (offline).
+        assert [p["label"] for p in endpoint["parameters"]] in (["Chest X-ray (PNG, JPEG or DICOM)"],
+                                                               ["Chest X-rays (PNG, JPEG or DICOM)"])
+        assert [p["parameter_name"] for p in endpoint["parameters"]] == ["paths"]
+        assert [r["label"] for r in endpoint["returns"]] == [
+            "Result of the selected file", "Where the model looked (not where a lesion is)",
+            "All files (choose a row)", "Summary", "Structured result (JSON)"]
+        assert "probability_pneumonia" in endpoint["description"] and "fractions" in endpoint["description"]
+        example = json.dumps(endpoint["parameters"][0]["example_input"])
+        assert f'"url": "examples/{EXAMPLES[0].name}"' in example and "http" not in example
     config = httpx.get(f"{url.rstrip('/')}/config").json()
     elem_ids = {component["props"].get("elem_id") for component in config["components"]}
     assert {"heatmap", "result-label", "results", "status", "details", "model-card", "upload"} <= elem_ids

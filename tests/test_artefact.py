@@ -39,7 +39,7 @@ def model():
     import keras
 
     keras.utils.set_random_seed(11)  # a fixed network, so that its maps have evidence both ways
-    trained_like = tiny_keras_model(dropout=0.3)
+    trained_like = tiny_keras_model(dropout=0.3, orientation=None)
     # Random weights, but not the initial ones: a dense head with a clear sign makes the CAM informative.
     rng = np.random.default_rng(3)
     trained_like.set_weights([w + rng.normal(0, 0.2, w.shape).astype(w.dtype) for w in trained_like.get_weights()])

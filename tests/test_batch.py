@@ -19,7 +19,8 @@ import pytest
 from tests.helpers import EXAMPLES, FIXTURE_DATASET, PROJECT, project_env, run
 
 MODEL_NAME = "pneumonia-cnn"
-COLUMNS = ["path", "probability", "label", "threshold", "model_name", "model_version", "error"]
+COLUMNS = ["path", "probability_pneumonia", "label", "error", "triage", "subtype", "probability_viral", "note",
+           "threshold", "model_name", "model_version"]
 
 REGISTER = """
 import mlflow
@@ -107,9 +108,11 @@ def test_spark_scores_a_folder_as_the_predict_path_does_and_bad_files_become_err
     assert set(table["model_version"]) == {"1"} and set(table["model_name"]) == {MODEL_NAME}
     for row in table.itertuples():
         if expected[row.name] == "scored":
-            assert pd.isna(row.error) and row.label in ("NORMAL", "PNEUMONIA") and 0 <= row.probability <= 1
+            assert pd.isna(row.error) and row.label in ("NORMAL", "PNEUMONIA") and 0 <= row.probability_pneumonia <= 1
+            assert row.triage in ("NORMAL", "PNEUMONIA", "REVIEW") and 0 <= row.probability_viral <= 1
         else:  # (pandas 3 reads a missing string as NaN)
-            assert row.error and pd.isna(row.label) and pd.isna(row.probability), row
+            assert row.error and pd.isna(row.label) and pd.isna(row.probability_pneumonia), row
+            assert pd.isna(row.triage) and pd.isna(row.probability_viral), row
     assert "50 MB" in table.set_index("name").loc["huge.png", "error"]
 
     # The same files through the predict path itself: the same probabilities, labels and refusals.
@@ -125,10 +128,12 @@ def test_spark_scores_a_folder_as_the_predict_path_does_and_bad_files_become_err
         if row.name == "huge.png":
             continue
         want = reference[row.name]
-        label = None if pd.isna(row.label) else row.label
-        assert (label, pd.isna(row.error)) == (want.label, want.error is None), row.name
-        if want.probability is not None:
-            assert abs(row.probability - want.probability) < 1e-6
+        for field, value in want.record().items():
+            got = getattr(row, field)
+            if isinstance(value, float):
+                assert abs(got - value) < 1e-6, (row.name, field)
+            else:
+                assert (None if pd.isna(got) else got) == value, (row.name, field)
 
 
 @pytest.mark.slow

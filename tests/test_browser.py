@@ -87,18 +87,4 @@ def test_details_json_names_the_model_and_the_file(page):
         expect(details).to_contain_text(shown, timeout=TIMEOUT_MS)
 
 
-def test_page_without_a_model_says_why(browser, app_module, tmp_path):
-    from playwright.sync_api import expect
-
-    demo = app_module.create_demo(service=app_module.ModelService(str(tmp_path / "not-exported")))
-    context = browser.new_context()
-    try:
-        page = context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(launched(demo))
-        expect(page.locator("#no-model")).to_contain_text("No model is loaded", timeout=TIMEOUT_MS)
-        expect(page.locator("#model-card")).to_contain_text("make repro", timeout=TIMEOUT_MS)
-        expect(page.get_by_role("button", name="Screen", exact=True)).to_be_disabled(timeout=TIMEOUT_MS)
-    finally:
-        context.close()
-        demo.close()
+# test_page_without_a_model_says_why moved to tests/test_app_browser.py (the button is now "Screen again").

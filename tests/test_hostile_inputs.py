@@ -142,9 +142,9 @@ def test_every_input_through_the_app_prediction_function(app_module, service, co
         _checked(case, result.probability, result.error, failures)
         if result.probability is not None:
             assert result.label == service.predictor.decision.label(result.probability)
-            assert outcome.label is not None and outcome.overlay is not None
+            assert outcome.result_text() and outcome.overlay is not None
         else:
-            assert outcome.label is None and outcome.overlay is None
+            assert outcome.result_text() == "" and outcome.overlay is None
             assert "Scored 0 of 1 file" in outcome.status
     slow = {name: round(seconds, 2) for name, seconds in timings.items() if seconds > SECONDS_PER_INPUT}
     assert not slow, slow
@@ -218,18 +218,17 @@ def test_every_input_through_the_launched_app(live_app, corpus, app_module):
         label, heatmap, table, status, details = client.predict(
             [handle_file(str(case.path)) for case in batch], api_name="/predict_files")
         assert time.perf_counter() - started < SECONDS_PER_INPUT * len(batch)
-        rows = table["data"]
-        assert len(rows) == len(batch)
-        for case, (name, probability, result, note) in zip(batch, rows, strict=True):
+        rows, entries = table["data"], details["results"]
+        assert len(rows) == len(entries) == len(batch)
+        for case, entry, row in zip(batch, entries, rows, strict=True):
             # Gradio stores uploads under a sanitised name; whatever it is, it is a bare name.
-            assert name and "/" not in name and "\n" not in name, name
-            _checked(case, probability, note, failures)
-            if probability is not None:
-                assert result in CLASS_NAMES
-        # The JSON details say what the table says, file by file.
-        assert [(e["file"], e["label"] or "", e["error"] or "") for e in details["results"]] == [
-            (row[0], row[2], row[3]) for row in rows]
-        scored = sum(row[1] is not None for row in rows)
+            assert entry["file"] == row[0] and entry["file"] and "/" not in entry["file"], entry["file"]
+            _checked(case, entry["probability_pneumonia"], entry["error"], failures)
+            if entry["probability_pneumonia"] is not None:
+                assert entry["label"] in CLASS_NAMES and row[2].endswith("%")
+            else:
+                assert row[1] == "Not scored" and row[2] == ""
+        scored = sum(entry["probability_pneumonia"] is not None for entry in entries)
         assert f"Scored {scored} of {len(batch)} files" in status
         assert bool(label) == (scored > 0) and (heatmap is not None) == (scored > 0)  # no label: None or {}
     _report(failures)
@@ -250,8 +249,8 @@ def test_the_oversize_file_is_refused_clearly_and_the_app_goes_on(live_app, corp
     response = httpx.post(f"{url.rstrip('/')}/gradio_api/upload", files={"files": ("oversize.png", head)})
     assert response.status_code == 413
     good = next(case for case in corpus if case.name == "cmyk.jpg")
-    _, _, table, _, _ = client.predict([handle_file(str(good.path))], api_name="/predict_files")
-    assert 0.0 <= table["data"][0][1] <= 1.0
+    *_, details = client.predict([handle_file(str(good.path))], api_name="/predict_files")
+    assert 0.0 <= details["results"][0]["probability_pneumonia"] <= 1.0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.arrays import Split
-from pipeline.arrays import NO_SUBTYPE, VIRAL
+from pipeline.arrays import NO_SUBTYPE, VIRAL, Split
 from pipeline.model import augment, balanced_class_weights, build_model, make_dataset, orient
 from pipeline.params import AugmentParams
 from pipeline.preprocess import assign_splits, decode_all

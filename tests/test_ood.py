@@ -71,9 +71,11 @@ def test_refused_files_get_the_message_and_no_label(model, training_images):
     strict = Predictor(ServingArtefact(artefact.build(
         model, Decision(0.5, "youden", 64, ood={"score": "mahalanobis", "limit": -1.0}), gate)))
     for result in strict.predict(files):
-        assert result.probability is None and result.label is None
-        assert result.error.startswith("not recognised as a frontal paediatric chest X-ray (score ")
-        assert "limit -1)" in result.error
+        assert result.probability is None and result.label is None and result.triage is None
+        assert result.error.startswith("not recognised as a frontal paediatric chest X-ray: not scored")
+        assert "Send the frontal" in result.error  # what to do next
+        # The raw score is kept for the JSON, not put in the sentence.
+        assert result.ood_score > -1.0 and str(result.ood_score) not in result.error
     lenient = Predictor(ServingArtefact(artefact.build(
         model, Decision(0.5, "youden", 64, ood={"score": "mahalanobis", "limit": 1e9}), gate)))
     assert all(result.scored for result in lenient.predict(files))
@@ -86,8 +88,10 @@ def test_outlier_sets_are_built_offline_from_installed_packages(fixture_images):
     first, second = ood.outlier_sets(7, val), ood.outlier_sets(7, val)
     assert [o.data for o in first] == [o.data for o in second]  # deterministic
     sources = Counter(outlier.source for outlier in first)
-    for source in ("synthetic", "scikit-learn", "scikit-image", "matplotlib", "pydicom", "x-ray rotated 180"):
+    for source in ("synthetic", "scikit-learn", "scikit-image", "matplotlib", "pydicom", "x-ray inverted"):
         assert sources[source] > 0, source
+    # Turned X-rays are no outliers any more: serving puts them back upright.
+    assert not any("rotated" in source for source in sources)
     assert {o.kind for o in first if o.source == "pydicom"} == {"near"}
     assert set(ood.TUNE_SOURCES) <= set(sources)  # tuned on some, reported on the others
 

@@ -19,21 +19,26 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
+from serving.runtime import RECORD_FIELDS
 from tests import image_factory as factory
-from tests.helpers import EXAMPLES, PROJECT, client_for, free_port, launched, run, write
+from tests.helpers import EXAMPLES, PROJECT, client_for, free_port, launched, run, write, write_tiny_bundle
 
 pytestmark = pytest.mark.slow
 
 URI = "models:/pneumonia-cnn@production"
 TOLERANCE = 1e-5
+UPSIDE_DOWN = 2
 
 
 @pytest.fixture(scope="module")
-def store(tiny_bundle, tmp_path_factory) -> Iterator[str]:
-    """A temporary MLflow store whose production model is the tiny artefact, registered as the stage does."""
+def store(tmp_path_factory) -> Iterator[str]:
+    """A temporary MLflow store whose production model is a tiny artefact, registered as the stage does. Its
+    orientation head finds every image upside down, so every path must turn each file back before scoring
+    it and say so; it has a triage band and a subtype threshold inside its range of probabilities."""
     import mlflow
 
     from pipeline.register import log_serving_model
@@ -43,7 +48,9 @@ def store(tiny_bundle, tmp_path_factory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{(folder / 'mlflow.db').as_posix()}"
     artefact = tmp_path_factory.mktemp("artefact") / "model.onnx"
-    original = (tiny_bundle / "model.onnx").read_bytes()
+    bundle = write_tiny_bundle(tmp_path_factory.mktemp("bundle"), threshold=0.5, orientation=UPSIDE_DOWN,
+                               subtype_threshold=0.5, triage={"normal_below": 0.45, "pneumonia_from": 0.55})
+    original = (bundle / "model.onnx").read_bytes()
     artefact.write_bytes(stamp(original, ServingArtefact(original).decision.registered("pneumonia-cnn", "1")))
     with pytest.MonkeyPatch.context() as patch:
         # Both: an earlier test's store may still be MLflow's registry (set_registry_uri writes the environment).
@@ -80,13 +87,21 @@ def files(tmp_path_factory) -> dict[str, str]:
 
 def by_pyfunc(store: str, files: dict[str, str]) -> dict[str, tuple]:
     import mlflow
-    import pandas as pd
 
     mlflow.set_tracking_uri(store)
     mlflow.set_registry_uri(store)
     model = mlflow.pyfunc.load_model(URI)
     frame = model.predict(pd.DataFrame({"image": [Path(path).read_bytes() for path in files.values()]}))
-    return {name: (row.probability, row.label, row.error) for name, row in zip(files, frame.itertuples())}
+    return {name: record(row) for name, (_, row) in zip(files, frame.iterrows())}
+
+
+def record(row) -> dict:
+    """A row's RECORD_FIELDS, empty cells as None, probabilities as floats."""
+    values = {field: row[field] for field in RECORD_FIELDS}
+    values = {field: None if value is None or value == "" or pd.isna(value) else value
+              for field, value in values.items()}
+    return {field: float(value) if field.startswith("probability") and value is not None else value
+            for field, value in values.items()}
 
 
 def by_cli(store: str, files: dict[str, str], tmp_path: Path) -> dict[str, tuple]:
@@ -94,9 +109,9 @@ def by_cli(store: str, files: dict[str, str], tmp_path: Path) -> dict[str, tuple
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store}
     run([sys.executable, "-m", "pipeline.predict", *files.values(), "--model-uri", URI, "--output", str(output)],
         PROJECT, env, expected=1)  # 1: one file could not be read
-    rows = {Path(row["path"]).name: row for row in csv.DictReader(output.open())}
-    return {name: (float(row["probability_pneumonia"]) if row["probability_pneumonia"] else None,
-                   row["label"] or None, row["error"] or None) for name, row in rows.items()}
+    rows = list(csv.DictReader(output.open()))
+    assert list(rows[0])[:4] == ["path", "probability_pneumonia", "label", "error"]  # the outside contract
+    return {Path(row["path"]).name: record(row) for row in rows}
 
 
 def by_app(store: str, files: dict[str, str]) -> dict[str, tuple]:
@@ -115,7 +130,7 @@ def by_app(store: str, files: dict[str, str]) -> dict[str, tuple]:
             for name, path in files.items():
                 *_, details = client.predict(handle_file(path), api_name="/predict")
                 (row,) = details["results"]
-                results[name] = (row["probability"], row["label"], row["error"])
+                results[name] = record(row)
         finally:
             demo.close()
     return results
@@ -144,22 +159,25 @@ def by_server(store: str, files: dict[str, str]) -> dict[str, tuple]:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
-    return {name: (row["probability"], row["label"], row["error"]) for name, row in zip(files, rows)}
+    return {name: record(row) for name, row in zip(files, rows)}
 
 
 def test_every_serving_path_gives_the_same_answer(store, files, tmp_path):
     answers = {"pyfunc": by_pyfunc(store, files), "cli": by_cli(store, files, tmp_path),
                "app": by_app(store, files), "mlflow models serve": by_server(store, files)}
     reference = answers["pyfunc"]
-    assert reference["notes.txt"][0] is None and "not a recognised image" in reference["notes.txt"][2]
-    assert all(reference[name][1] in ("NORMAL", "PNEUMONIA") for name in files if name != "notes.txt")
+    refused = reference["notes.txt"]
+    assert refused["probability_pneumonia"] is None and "not a recognised image" in refused["error"]
+    assert refused["triage"] is None and refused["subtype"] is None and refused["probability_viral"] is None
+    scored = [reference[name] for name in files if name != "notes.txt"]
+    assert all(row["label"] in ("NORMAL", "PNEUMONIA") and "upside down" in row["note"] for row in scored)
+    assert all(row["triage"] in ("NORMAL", "PNEUMONIA", "REVIEW") for row in scored)
     for way, answer in answers.items():
         assert set(answer) == set(files), way
         for name in files:
-            probability, label, error = answer[name]
-            expected_probability, expected_label, expected_error = reference[name]
-            assert label == expected_label and error == expected_error, (way, name, answer[name], reference[name])
-            if expected_probability is None:
-                assert probability is None, (way, name)
-            else:
-                assert abs(probability - expected_probability) <= TOLERANCE, (way, name)
+            got, expected = answer[name], reference[name]
+            for field in RECORD_FIELDS:
+                if field.startswith("probability") and expected[field] is not None:
+                    assert abs(got[field] - expected[field]) <= TOLERANCE, (way, name, field)
+                else:
+                    assert got[field] == expected[field], (way, name, field, got, expected)

@@ -114,8 +114,15 @@ def test_metrics_files_hold_sane_values(project):
 
     headline = read(root, "reports/metrics.json")
     assert headline["threshold"] == evaluation["threshold"]
-    assert set(headline) == {"threshold", "test", "val"}
+    assert set(headline) == {"threshold", "test", "val", "subtype", "triage"}
     assert headline["test"]["roc_auc"] == evaluation["splits"]["test"]["metrics"]["roc_auc"]["value"]
+    # Triage: a band around the threshold, with its figures on every split.
+    assert evaluation["triage"]["normal_below"] <= evaluation["threshold"] <= evaluation["triage"]["pneumonia_from"]
+    for split in ("val", "test"):
+        assert 0.0 <= evaluation["splits"][split]["triage"]["review_share"] <= 1.0
+        # The fixture's pneumonia files are named bacterial or viral: the subtype is measured on them.
+        assert evaluation["splits"][split]["subtype"]["images"] > 0
+    assert set(evaluation["subgroups"]["test"]) == {"normal_IM", "normal_NORMAL2", "bacterial", "viral"}
 
     summary = read(root, "reports/data_summary.json")
     assert set(summary["splits"]) == {"train", "val", "test"}
@@ -125,9 +132,15 @@ def test_metrics_files_hold_sane_values(project):
     assert (root / "dvc.lock").is_file()
     robustness = read(root, "reports/robustness.json")
     # Measured on validation (what recipes are compared on) and on the carved test split.
-    assert set(robustness) == {"val", "test"}
-    for split in robustness.values():
-        assert split["shifts"] and set(split["worst_change"]) == set(REPORTED)
+    assert set(robustness) == {"val", "test", "served"}
+    for split in ("val", "test"):
+        assert robustness[split]["shifts"] and set(robustness[split]["worst_change"]) == set(REPORTED)
+    # Turned and mirrored copies through the serving path, against the upright images' own results.
+    # (A one-epoch network has not learnt orientation: it may refuse them all as "which way up" unclear.)
+    served = robustness["served"]
+    assert served["split"] == "val" and 0.0 <= served["upright"]["scored"] <= 1.0
+    assert served["upright"]["label_differs_from_upright"] in (0.0, None)
+    assert {"upside down", "mirrored left-right", "noise sigma 12"} <= set(served)
     assert robustness["test"]["baseline"] != robustness["val"]["baseline"]
 
 
@@ -149,8 +162,14 @@ def test_predict_cli_scores_files_and_reports_unreadable_ones(project, fixture_i
                  expected=1)  # 1: a file was unreadable
     rows = list(csv.DictReader(output.open()))
     assert [row["path"] for row in rows] == files
-    assert all(row["label"] in ("NORMAL", "PNEUMONIA") and not row["error"] for row in rows[:2])
-    assert all(0.0 <= float(row["probability_pneumonia"]) <= 1.0 for row in rows[:2])
+    assert list(rows[0])[:4] == ["path", "probability_pneumonia", "label", "error"]
+    for row in rows[:2]:
+        # Scored, or refused because a one-epoch network cannot tell which way up the X-ray is.
+        if row["error"]:
+            assert "which way up" in row["error"] and row["label"] == "" and row["triage"] == ""
+        else:
+            assert row["label"] in ("NORMAL", "PNEUMONIA") and 0.0 <= float(row["probability_pneumonia"]) <= 1.0
+            assert row["triage"] in ("NORMAL", "PNEUMONIA", "REVIEW") and row["probability_viral"]
     assert rows[2]["error"] and rows[2]["label"] == "" and rows[2]["probability_pneumonia"] == ""
     assert "broken.png" in result.stderr
     assert f"{MODEL_NAME} version 1" in result.stderr
@@ -212,10 +231,11 @@ def test_external_set_fits_calibration_and_decides_promotion(external_project):
         "external": True, "test": False, "val": False}
     assert evaluation["splits"]["external"]["images"] == summary["splits"]["external"]["images"]
     headline = read(root, "reports/metrics.json")
-    assert set(headline) == {"threshold", "external", "test", "val"}
+    assert set(headline) == {"threshold", "external", "test", "val", "subtype", "triage"}
     for figure in ("roc", "precision_recall", "calibration", "confusion_matrix"):
         assert (root / "reports/figures" / f"external_{figure}.png").stat().st_size > 1000
-    assert set(read(root, "reports/robustness.json")) == {"val", "test", "external"}
+    robustness = read(root, "reports/robustness.json")
+    assert set(robustness) == {"val", "test", "external", "served"} and robustness["served"]["split"] == "external"
 
     record = read(root, "models/registration.json")
     assert record["split"] == "external" and record["promoted"] is True

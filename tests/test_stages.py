@@ -101,3 +101,31 @@ def test_serving_imports_neither_training_code_nor_tensorflow():
             problems += [f"{path.name}:{node.lineno} imports {module}" for module in modules
                          if module.split(".")[0] in forbidden]
     assert not problems, problems
+
+
+CLIENT_MODULES = ("app.py", "serving/gradio_workarounds.py", "serving/ondevice.py", "serving/overlay.py",
+                  "serving/rest.py")
+
+
+def _imports_gradio(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if any(name.split(".")[0] in ("gradio", "gradio_client", "fastapi") for name in names):
+            return True
+    return False
+
+
+def test_registration_depends_on_the_scoring_core_only():
+    """A fix to the app, its Gradio workarounds or the browser page must not register a new model version:
+    none of them, nor anything importing Gradio, is a dependency of the register stage or travels in the
+    logged model."""
+    from pipeline.register import serving_modules
+
+    deps = [PROJECT / dep for dep in STAGES["register"]["deps"] if dep.endswith(".py")]
+    logged = [PROJECT / module for module in serving_modules(PROJECT / "serving" / "pyfunc_model.py")]
+    for path in {*deps, *logged}:
+        relative = path.relative_to(PROJECT).as_posix()
+        assert relative not in CLIENT_MODULES, relative
+        assert not _imports_gradio(path), f"{relative} imports Gradio or FastAPI"
+    assert {"serving/runtime.py", "serving/pyfunc.py"} <= {p.relative_to(PROJECT).as_posix() for p in logged}

@@ -4,8 +4,9 @@
 // Runtime's module and .wasm, dicom-parser). Files are read with the File API and scored in memory: no
 // request carries an image, its name or anything derived from it.
 
-import { ImageDecodeError, formatG, heatmap, implausibility, overlay, resizeUint8, roundHalfEven } from "./imaging.js";
+import { ImageDecodeError, heatmap, implausibility, overlay, resizeUint8, roundHalfEven } from "./imaging.js";
 import { decodeGreyscale, decodeWithBrowser } from "./decode.js";
+import * as rules from "./decision.js";
 
 const SERVER_PAGE = "use the “On the server” page instead";
 // The smallest valid WebAssembly module: the header alone.
@@ -56,8 +57,6 @@ async function fetchConfig(base) {
   return body;
 }
 
-const percent = (value) => `${(100 * value).toFixed(1)}%`;
-
 class Scorer {
   constructor(ort, session, config, dicomParser) {
     this.ort = ort;
@@ -65,22 +64,26 @@ class Scorer {
     this.config = config;
     this.decision = config.decision;
     this.dicomParser = dicomParser;
-    const wanted = [config.tensors.probability, config.tensors.cam];
+    this.words = config.words;
+    const wanted = [config.tensors.probability, config.tensors.cam, config.tensors.viral, config.tensors.orientation];
     if (this.decision.ood && Object.keys(this.decision.ood).length) wanted.push(config.tensors.ood);
     const missing = wanted.filter((name) => !session.outputNames.includes(name));
     if (missing.length) throw new Error(`the model lacks the outputs ${missing.join(", ")}`);
     this.outputs = wanted;
   }
 
-  /** uint8 S x S pixels -> {probability, cam: {data, height, width}, ood}. */
+  /** uint8 S x S pixels -> {probability, viral, orientation (8 probabilities), cam: {data, height, width}, ood}. */
   async run(pixels) {
     const size = this.decision.input_size;
+    const tensors = this.config.tensors;
     const input = new this.ort.Tensor("float32", Float32Array.from(pixels), [1, size, size, 1]);
-    const results = await this.session.run({ [this.config.tensors.input]: input }, this.outputs);
-    const cam = results[this.config.tensors.cam];
-    const ood = results[this.config.tensors.ood];
+    const results = await this.session.run({ [tensors.input]: input }, this.outputs);
+    const cam = results[tensors.cam];
+    const ood = results[tensors.ood];
     const scored = {
-      probability: results[this.config.tensors.probability].data[0],
+      probability: results[tensors.probability].data[0],
+      viral: results[tensors.viral].data[0],
+      orientation: Array.from(results[tensors.orientation].data),
       cam: { data: Float32Array.from(cam.data), height: cam.dims[1], width: cam.dims[2] },
       ood: ood ? ood.data[0] : null,
     };
@@ -89,7 +92,16 @@ class Scorer {
     return scored;
   }
 
-  /** One file's bytes -> a result like the server's Prediction (probability and label, or an error). */
+  /** The decoded greyscale image, resized to the model's input and scored (serving.runtime Predictor._score). */
+  async scoreGrey(grey, width, height) {
+    const size = this.decision.input_size;
+    return this.run(resizeUint8(grey, width, height, size, size));
+  }
+
+  /** One file's bytes -> a result like the server's Prediction (serving.runtime Predictor._predict_chunk):
+   * decode, checks, score; an orientation the model is not sure of is refused (the gate's refusal first);
+   * a turned or mirrored X-ray is put back upright (the full decoded image, then resized) and scored again;
+   * the gate on the upright scores; label, triage and subtype at the artefact's thresholds. */
   async score(name, bytes) {
     const started = performance.now();
     const threshold = this.decision.threshold;
@@ -104,21 +116,30 @@ class Scorer {
       if (error instanceof ImageDecodeError) return { name, probability: null, label: null, threshold, error: error.message };
       throw error;
     }
-    const size = this.decision.input_size;
     const decodedAt = performance.now();
-    const pixels = resizeUint8(decoded.grey, decoded.width, decoded.height, size, size);
-    const scored = await this.run(pixels);
-    const finished = performance.now();
-    const limit = this.decision.ood && this.decision.ood.limit !== undefined ? Number(this.decision.ood.limit) : null;
-    if (limit !== null && scored.ood !== null && scored.ood > limit) {
-      return { name, probability: null, label: null, threshold, ood: scored.ood,
-        error: `not recognised as a frontal paediatric chest X-ray (score ${formatG(scored.ood, 3)}, ` +
-          `limit ${formatG(limit, 3)}): not scored` };
+    const words = this.words;
+    let image = decoded;
+    let scored = await this.scoreGrey(image.grey, image.width, image.height);
+    let note = null;
+    const found = rules.orientation(this.decision, scored.orientation);
+    if (found === null) {
+      const error = rules.refusal(this.decision, scored.ood, words.gate_refusal) || words.orientation_unclear;
+      return { name, probability: null, label: null, threshold, error, ood: scored.ood };
     }
+    if (found !== words.upright) {
+      image = rules.upright(decoded.grey, decoded.width, decoded.height, found, words.orientations.length / 2);
+      scored = await this.scoreGrey(image.grey, image.width, image.height);
+      note = words.upright_note.replace("{orientation}", words.orientations[found]);
+    }
+    const finished = performance.now();
+    const refused = rules.refusal(this.decision, scored.ood, words.gate_refusal);
+    if (refused) return { name, probability: null, label: null, threshold, error: refused, note, ood: scored.ood };
     const probability = scored.probability;
-    const label = this.decision.class_names[probability >= threshold ? 1 : 0];
-    return { name, probability, label, threshold, error: null, ood: scored.ood, grey: decoded.grey,
-      width: decoded.width, height: decoded.height, cam: scored.cam,
+    return { name, probability, label: rules.label(this.decision, probability), threshold, error: null,
+      triage: rules.triaged(this.decision, probability, words.review),
+      subtype: rules.subtype(this.decision, probability, scored.viral, words.subtypes),
+      probability_viral: scored.viral, note, ood: scored.ood, grey: image.grey, width: image.width,
+      height: image.height, cam: scored.cam,
       timings: { decode_ms: decodedAt - started, model_ms: finished - decodedAt, total_ms: finished - started } };
   }
 
@@ -140,17 +161,57 @@ class Scorer {
 }
 
 function publicResult(result) {
-  // What the page keeps and exposes: never the pixels.
+  // What the page keeps and exposes: never the pixels. The fields of serving.runtime.RECORD_FIELDS (raw 0..1
+  // probabilities), with the file's name, the threshold, the gate's score and the timings.
   const { name, probability, label, threshold, error, ood, timings } = result;
-  return { name, probability, label, threshold, error, ood: ood ?? null, timings: timings || null };
+  return { name, probability_pneumonia: probability ?? null, probability: probability ?? null, label, error,
+    triage: result.triage ?? null, subtype: result.subtype ?? null, probability_viral: result.probability_viral ?? null,
+    note: result.note ?? null, threshold, ood: ood ?? null, timings: timings || null };
 }
 
-function statusText(results, shown) {
+/** A refusal as shown: the server's words, then what to do next when they do not already say it. */
+function refusalText(error, words) {
+  if (!error) return "";
+  if (/\b(send|use|choose|convert|reload)\b/i.test(error)) return error;
+  return `${error}. ${words.next_step}.`;
+}
+
+function statusText(results, shown, words) {
   const scored = results.filter((r) => r.probability !== null).length;
   const lines = [`Scored ${scored} of ${results.length} file${results.length !== 1 ? "s" : ""} on this device.`];
   if (shown !== null && results.length > 1) lines.push(`The result and map above are for ${shown}; the table lists every file.`);
-  for (const r of results) if (r.probability === null) lines.push(`${r.name}: ${r.error}`);
+  for (const r of results) if (r.probability === null) lines.push(`${r.name}: ${refusalText(r.error, words)}`);
   return lines;
+}
+
+/** The decision as the server page words it, with the triage, subtype and note. */
+function decisionText(r, words) {
+  const shown = [words.percent_floor, words.percent_ceiling];
+  let text = `${r.label}: probability of pneumonia ${rules.percent(r.probability, ...shown)}, ` +
+    `threshold ${rules.percent(r.threshold, ...shown)}`;
+  if (r.triage && r.triage !== r.label) text += `; triage ${r.triage}`;
+  if (r.subtype) text += `; subtype ${r.subtype} (probability viral ${rules.percent(r.probability_viral, ...shown)})`;
+  return text;
+}
+
+/** Gradio's footer link "Use via API" on this page would list this page's API, which is none: point it, and
+ * the page's own link, at the server page's API documentation instead. */
+function pointApiLinks(root, base, docs) {
+  const appRoot = base.replace(/ondevice\/$/, "");
+  const target = appRoot + (docs || "?view=api");
+  const own = root.querySelector("#ondevice-api-link");
+  if (own) own.href = target;
+  const redirect = (event) => {
+    const control = event.target && event.target.closest && event.target.closest("footer button, footer a");
+    if (!control || !/api/i.test(control.textContent || "")) return;
+    event.preventDefault();
+    event.stopImmediatePropagation();
+    window.location.assign(target);
+  };
+  document.addEventListener("click", redirect, true);
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") redirect(event);
+  }, true);
 }
 
 export async function mount(root, base) {
@@ -211,14 +272,17 @@ export async function mount(root, base) {
   state.timings.ready_ms = performance.now() - started;
   state.scorer = scorer;
   state.score = (bytes, name = "image") => scorer.score(name, bytes).then(publicResult);
-  // The model's input as this page prepares it (for the tests that compare it with the server's).
-  state.preprocess = async (bytes) => {
+  // The model's input as this page prepares it (for the tests that compare it with the server's): the decoded
+  // image, and the input made from it, put back upright first from `orientation` (default: upright).
+  state.preprocess = async (bytes, orientation = 0) => {
     const env = { limits: scorer.config.limits, checks: scorer.config.checks, dicomParser: scorer.dicomParser,
       browserDecode: decodeWithBrowser };
     const decoded = await decodeGreyscale(bytes, env);
     const size = scorer.decision.input_size;
+    const image = orientation ? rules.upright(decoded.grey, decoded.width, decoded.height, orientation,
+      scorer.words.orientations.length / 2) : decoded;
     return { width: decoded.width, height: decoded.height, spread: decoded.spread, grey: Array.from(decoded.grey),
-      input: Array.from(resizeUint8(decoded.grey, decoded.width, decoded.height, size, size)) };
+      input: Array.from(resizeUint8(image.grey, image.width, image.height, size, size)) };
   };
   input.disabled = false;
   say(`Ready: ${scorer.decision.model_name} version ${scorer.decision.model_version ?? "(unregistered)"} runs in ` +
@@ -229,6 +293,9 @@ export async function mount(root, base) {
   const summary = $("ondevice-summary");
   const table = $("ondevice-results");
   const timing = $("ondevice-timing");
+  const resultBox = $("ondevice-result");
+  const words = scorer.config.words;
+  pointApiLinks(root, base, scorer.config.api_docs);
 
   async function handle(files) {
     files = Array.from(files || []);
@@ -251,11 +318,11 @@ export async function mount(root, base) {
       }
       for (const file of files.slice(limit)) {
         results.push({ name: file.name, probability: null, label: null, threshold: scorer.decision.threshold,
-          error: `not scored: at most ${limit} files per request` });
+          error: `not scored: at most ${limit} files at a time; choose the rest again` });
       }
       const first = results.find((r) => r.probability !== null) || null;
-      labelBox.textContent = first ? `${first.label}: probability of pneumonia ${percent(first.probability)}, ` +
-        `threshold ${percent(first.threshold)}` : "";
+      labelBox.textContent = first ? decisionText(first, words) +
+        (first.note ? ` (${first.note})` : "") : "";
       if (first) {
         const image = scorer.render(first);
         canvas.width = image.width;
@@ -265,19 +332,27 @@ export async function mount(root, base) {
       } else {
         canvas.hidden = true;
       }
-      summary.replaceChildren(...statusText(results, first ? first.name : null).map((line) => {
+      summary.replaceChildren(...statusText(results, first ? first.name : null, words).map((line) => {
         const p = document.createElement("p");
         p.textContent = line;
         return p;
       }));
       const body = table.querySelector("tbody");
+      const headers = Array.from(table.querySelectorAll("thead th"), (th) => th.textContent.trim());
+      const shown = [words.percent_floor, words.percent_ceiling];
       body.replaceChildren(...results.map((r) => {
         const row = document.createElement("tr");
-        for (const cell of [r.name, r.probability === null ? "" : r.probability.toFixed(4), r.label || "", r.error || ""]) {
+        const scoredRow = r.probability !== null;
+        // The note column: how the X-ray was put upright, or why it was refused and what to do next.
+        const note = [r.note, refusalText(r.error, words)].filter(Boolean).join("; ");
+        const cells = [r.name, scoredRow ? rules.percent(r.probability, ...shown) : "", r.label || "not scored",
+          r.triage || "", r.subtype || "", scoredRow ? rules.percent(r.probability_viral, ...shown) : "", note];
+        cells.forEach((cell, index) => {
           const td = document.createElement("td");
           td.textContent = cell;
+          td.dataset.label = headers[index];
           row.appendChild(td);
-        }
+        });
         return row;
       }));
       table.hidden = false;
@@ -290,6 +365,9 @@ export async function mount(root, base) {
       state.timings.result_at_ms = performance.now();  // since navigation start
       state.status = "done";
       say("Done: the images were read and scored in this browser; nothing was uploaded.");
+      // The result, not the file picker, is what the visitor wants to see now (on a phone it is below the fold).
+      resultBox.scrollIntoView({ block: "start" });
+      resultBox.focus({ preventScroll: true });
     } catch (error) {
       state.status = "failed";
       say(`Scoring failed on this device (${(error && error.message) || error}): ${SERVER_PAGE}.`);
