@@ -97,7 +97,7 @@ def naive(keras_path: Path, predictor: Predictor, uploads: list[tuple[str, bytes
 
     def call(item: tuple[str, bytes]) -> float:
         x = resize_grey(decode_greyscale(item[1]), size).astype(np.float32)[np.newaxis, ..., np.newaxis]
-        return float(model.predict(x, verbose=0)[0, 0])
+        return float(model.predict(x, verbose=0)["pneumonia"][0, 0])
 
     samples = time_calls(call, uploads, repeats, warmup=2)
     # Same network: the calibrated artefact's ranking must match the raw Keras one.

@@ -338,11 +338,35 @@ def served_outcomes(serving: bytes, seed: int) -> dict[str, Any]:
                                     for source in sorted({outlier.source for outlier in outliers})}}
 
 
+# The orientation output is used only if it is sure of the upright orientation of at least this share of the
+# validation X-rays: a network that has not learnt orientation (a short run, `train.orientation_rate` 0)
+# would otherwise refuse every X-ray as "which way up" unclear.
+ORIENTATION_COMPETENCE = 0.5
+
+
+def orientation_check(keras_model: keras.Model, confidence: float) -> tuple[float | None, dict[str, Any]]:
+    """(the orientation confidence the decision uses, or None to score images as given; the report)."""
+    from serving.decision import Decision
+    from serving.orientation import UPRIGHT
+
+    probe = Decision(0.5, "none", int(keras_model.input_shape[1]), orientation_confidence=confidence)
+    images = load_split("val").images.astype(np.float32)[..., np.newaxis]
+    probabilities = keras_model.predict(images, batch_size=64, verbose=0)["orientation"]
+    upright = float(np.mean([probe.orientation(row) == UPRIGHT for row in probabilities]))
+    used = upright >= ORIENTATION_COMPETENCE
+    if not used:
+        log.warning("the orientation output is sure of only %.1f%% of upright validation X-rays: not used "
+                    "(X-rays are scored as given)", 100 * upright)
+    return (confidence if used else None), {"confidence": confidence, "used": used,
+                                            "val_upright_recognised": round(upright, 4)}
+
+
 def run(seed: int, params: OodParams) -> dict[str, Any]:
     keras_model = keras.models.load_model(MODEL_FILE, compile=False, safe_mode=True)
     calibrated = ServingArtefact.from_file(CALIBRATED_FILE).decision
     gate, limit, report = evaluate_gate(seed, params, keras_model)
-    decision = replace(calibrated, orientation_confidence=params.orientation_confidence,
+    confidence, report["orientation"] = orientation_check(keras_model, params.orientation_confidence)
+    decision = replace(calibrated, orientation_confidence=confidence,
                        ood={"score": report["chosen"], "limit": round(limit, 6), "accept_rate": params.accept_rate,
                             "fitted_on": "train", "limit_from": "val"})
     serving = artefact.build(keras_model, decision, gate)

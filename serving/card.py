@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from serving.decision import Decision
+from serving.orientation import ORIENTATIONS
 
 DATA_SOURCE = (
     "Kermany D., Zhang K., Goldbaum M. (2018), *Labeled Optical Coherence Tomography (OCT) and Chest X-Ray "
@@ -151,14 +152,20 @@ def _beside_the_diagnosis(decision: Decision, fitted_on: str) -> list[str]:
                               f"{group['images']}" for name, group in groups.items() if group["images"]), ""]
     served = decision.robustness
     if served:
-        shown = [name for name in served if name not in ("split", "upright")]
+        shown = [name for name in ORIENTATIONS if name in served]
+        shown += sorted(name for name in served if name not in ("split", *ORIENTATIONS))
         heading = f"**Turned, mirrored and noisy copies** of the {served.get('split', '')} X-rays, through the serving path:"
         lines += [heading, "", "| copies | scored | label differs from upright | accuracy of scored |",
                   "| --- | --- | --- | --- |"]
-        lines += [f"| {name} | {percent(served[name]['scored'])} | {percent(served[name]['label_differs_from_upright'])} "
-                  f"| {percent(served[name]['accuracy_of_scored'])} |" for name in ["upright", *shown]]
+        lines += [f"| {name} | {_share(served[name]['scored'])} | {_share(served[name]['label_differs_from_upright'])} "
+                  f"| {_share(served[name]['accuracy_of_scored'])} |" for name in shown]
         lines.append("")
     return lines
+
+
+def _share(value: float | None) -> str:
+    """A measured share, exactly (0% is none at all, unlike a probability's "< 0.1%")."""
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def _metrics_table(split: str, metrics: dict, images: int | None, fitted_on: str) -> list[str]:

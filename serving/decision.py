@@ -73,7 +73,8 @@ class Decision:
     # targets that fitted them. Empty: no triage (every scored X-ray is triaged by its label).
     triage: dict[str, Any] = field(default_factory=dict)
     # An X-ray is turned back upright when the orientation output gives its orientation at least this.
-    orientation_confidence: float = 0.9
+    # None: the orientation output is not used (a network that has not learnt it); images are scored as given.
+    orientation_confidence: float | None = 0.9
     format: int = FORMAT
 
     def __post_init__(self) -> None:
@@ -85,7 +86,7 @@ class Decision:
             raise DecisionError(f"crop must be in [0.5, 1], got {self.crop}")
         if not 0.0 <= self.subtype_threshold <= 1.0:
             raise DecisionError(f"subtype threshold must be in [0, 1], got {self.subtype_threshold}")
-        if not 0.5 < self.orientation_confidence <= 1.0:
+        if self.orientation_confidence is not None and not 0.5 < self.orientation_confidence <= 1.0:
             raise DecisionError(f"orientation confidence must be in (0.5, 1], got {self.orientation_confidence}")
         if self.triage and not (self.triage["normal_below"] <= self.threshold <= self.triage["pneumonia_from"]):
             raise DecisionError("the triage band must contain the threshold: "
@@ -110,7 +111,10 @@ class Decision:
 
         The turn must be sure on its own (its probability summed over mirrored and not); mirroring is taken
         only when it too is that sure, given the turn: the diagnosis is the same either way (the graph
-        averages an image and its mirror), so an unsure mirror is no reason to refuse."""
+        averages an image and its mirror), so an unsure mirror is no reason to refuse. Upright, always, when
+        the orientation output is not used (`orientation_confidence` None)."""
+        if self.orientation_confidence is None:
+            return 0
         turns = len(probabilities) // 2
         by_turn = [float(probabilities[k]) + float(probabilities[k + turns]) for k in range(turns)]
         turn = max(range(turns), key=by_turn.__getitem__)

@@ -220,7 +220,7 @@ def test_export_production_model(store, tmp_path, probes):
     served = pyfunc.predict(pd.DataFrame({"image": files}))
     local = Predictor(load_artefact(str(dest))).predict([(str(i), data) for i, data in enumerate(files)])
     assert [p.error for p in local] == [None] * len(files)
-    np.testing.assert_array_equal(served["probability"].astype(float), [p.probability for p in local])
+    np.testing.assert_array_equal(served["probability_pneumonia"].astype(float), [p.probability for p in local])
     assert served["label"].tolist() == [p.label for p in local]
     assert served["threshold"].astype(float).tolist() == [THRESHOLD] * len(files)
 

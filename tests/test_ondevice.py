@@ -9,7 +9,7 @@
   record) on every fixture X-ray and on X-rays turned and mirrored (models whose orientation head is sure, or
   unsure), the hostile-input corpus, no image bytes in any request (also with the network cut after the page
   loaded), the one-line failures (no WebAssembly, a model that does not load, an unsupported file), and the
-  page at a phone's width (issue #21; `ONDEVICE_SCREENSHOTS=docs/screenshots` keeps its screenshots).
+  page at a phone's width (issue #21; `ONDEVICE_SCREENSHOTS=docs/images` keeps its screenshots).
 """
 
 from __future__ import annotations
@@ -823,7 +823,7 @@ def test_browser_and_server_agree_on_turned_xrays(browser, app_url, tmp_path, tu
 
 
 PHONE = {"width": 390, "height": 844}
-# Set to a folder (docs/screenshots) to keep the page's screenshots at 390 and 1280 px (ondevice-390.png, ...).
+# Set to a folder (docs/images) to keep the page's screenshots at 390 and 1280 px (on-device-390.png, ...).
 SCREENSHOTS_ENV = "ONDEVICE_SCREENSHOTS"
 
 LAYOUT_JS = """
@@ -907,12 +907,12 @@ def test_phone_width_shows_every_decision_without_scrolling_sideways(browser, ap
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
             page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
-            page.screenshot(path=str(Path(folder) / "ondevice-390.png"), full_page=True)
+            page.screenshot(path=str(Path(folder) / "on-device-390.png"), full_page=True)
         page.set_viewport_size({"width": 1280, "height": 900})
         if folder:
             score_in_page(page, paths)
             page.evaluate("window.scrollTo(0, 0)")
-            page.screenshot(path=str(Path(folder) / "ondevice-1280.png"), full_page=True)
+            page.screenshot(path=str(Path(folder) / "on-device-1280.png"), full_page=True)
 
         # Gradio's footer link (shown on wide screens) leads to the server page's API documentation, not to
         # this page's empty list ("No API Routes found").

@@ -190,7 +190,7 @@ outcome = app.predict_files([sys.argv[1]], app.SERVICE)
 assert outcome.results[0].scored and outcome.overlay is not None, outcome.results
 label, heatmap, table, status, details = app.demo(sys.argv[1], api_name="predict")  # the whole event
 details = getattr(details, "root", details)  # in process, Gradio hands back its JsonData model
-assert heatmap and details["results"][0]["probability"] is not None, (heatmap, details)
+assert heatmap and details["results"][0]["probability_pneumonia"] is not None, (heatmap, details)
 loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("tensorflow", "keras", "tf_keras", "pipeline"))
 print("loaded:", loaded)
 assert "tensorflow" not in sys.modules and "keras" not in sys.modules, loaded

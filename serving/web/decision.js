@@ -25,8 +25,10 @@ export function subtype(decision, probability, probabilityViral, names) {
 
 /** Decision.orientation: the orientation index the orientation output gives with at least
  * orientation_confidence (the turn on its own, summed over mirrored and not; the mirror given the turn),
- * or null when the model is not that sure which way up the X-ray is. */
+ * or null when the model is not that sure which way up the X-ray is; upright (0) when the orientation
+ * output is not used (orientation_confidence null). */
 export function orientation(decision, probabilities) {
+  if (decision.orientation_confidence === null || decision.orientation_confidence === undefined) return 0;
   const turns = Math.floor(probabilities.length / 2);
   const byTurn = [];
   for (let k = 0; k < turns; k++) byTurn.push(Number(probabilities[k]) + Number(probabilities[k + turns]));
