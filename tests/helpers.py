@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,14 @@ EXAMPLES = sorted((PROJECT / "examples").glob("*.png"))
 KERAS_SAVE_WARNING = "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 # Debian's Chromium (Playwright cannot download its own browsers here), quiet on a closed network.
 CHROMIUM = Path("/usr/bin/chromium")
+# The marks of every test that drives Debian's Chromium (tests/test_browser.py, tests/test_app_browser.py).
+BROWSER_TEST_MARKS = [
+    pytest.mark.browser,
+    pytest.mark.filterwarnings(KERAS_SAVE_WARNING),
+    pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),  # Gradio's own pandas deprecations
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                     "(apt-get install chromium)"),
+]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
 TINY_MODEL = {"image_size": 32, "filters": [4, 8], "dropout": 0.0, "crop": 1.0, "stem_filters": 0}

@@ -13,20 +13,14 @@ import numpy as np
 import pytest
 
 from tests import image_factory as factory
-from tests.helpers import CHROMIUM, EXAMPLES, KERAS_SAVE_WARNING, PROJECT, launched, write
+from tests.helpers import BROWSER_TEST_MARKS, EXAMPLES, PROJECT, launched, write
 
 TIMEOUT_MS = 60_000  # generous: two busy cores
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 1400}
 MAX_FILE_BYTES = 100_000  # small, so an over-limit file is quick to make
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.filterwarnings(KERAS_SAVE_WARNING),
-    pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),  # Gradio's own pandas deprecations
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                                                     "(apt-get install chromium)"),
-]
+pytestmark = BROWSER_TEST_MARKS
 
 
 @pytest.fixture(scope="module")

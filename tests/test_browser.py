@@ -7,17 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import CHROMIUM, EXAMPLES, KERAS_SAVE_WARNING, launched
+from tests.helpers import BROWSER_TEST_MARKS, EXAMPLES, launched
 
 TIMEOUT_MS = 60_000  # generous: two busy cores
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.filterwarnings(KERAS_SAVE_WARNING),
-    pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),  # Gradio's own pandas deprecations
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                                                     "(apt-get install chromium)"),
-]
+pytestmark = BROWSER_TEST_MARKS
 
 
 @pytest.fixture(scope="module")
