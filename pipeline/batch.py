@@ -39,6 +39,7 @@ from typing import Any
 from serving.locations import TrackingUnavailableError, configure_tracking, production_uri
 from serving.pixels import IMAGE_SUFFIXES, MAX_FILE_BYTES
 from serving.runtime import RECORD_FIELDS, RECORD_TYPES
+from serving.store import brief
 
 log = logging.getLogger("pipeline.batch")
 
@@ -108,7 +109,7 @@ def resolve_model(uri: str | None, scratch: Path) -> ScoringModel:
         try:
             version = resolve_version(mlflow.MlflowClient(), uri)
         except MlflowException as error:
-            raise ModelUnavailableError(f"no model at {uri} in the MLflow store: {_one_line(error)}") from error
+            raise ModelUnavailableError(f"no model at {uri} in the MLflow store: {brief(error, 400)}") from error
         registered_name, registered_version = version.name, str(version.version)
         pinned = f"models:/{version.name}/{version.version}"
     elif "://" in uri:
@@ -122,7 +123,7 @@ def resolve_model(uri: str | None, scratch: Path) -> ScoringModel:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(scratch)))
     except Exception as error:  # MLflow surfaces missing artefacts as many exception types
-        raise ModelUnavailableError(f"{pinned}: the model's files cannot be downloaded ({_one_line(error)})") from error
+        raise ModelUnavailableError(f"{pinned}: the model's files cannot be downloaded ({brief(error, 400)})") from error
     onnx = local / "artifacts" / "model.onnx"
     try:
         decision = ServingArtefact.from_file(onnx).decision
@@ -168,7 +169,7 @@ def start_spark(master: str | None, app_name: str = "pneumonia-batch-scoring"):
     try:
         spark = builder.getOrCreate()
     except Exception as error:  # PySparkRuntimeError (no Java, JVM died at start) and friends
-        raise BatchError(f"Spark could not start ({_one_line(error)}); Spark 4 needs Java 17 or later on PATH or "
+        raise BatchError(f"Spark could not start ({brief(error, 400)}); Spark 4 needs Java 17 or later on PATH or "
                          "in JAVA_HOME (see docs/scaling.md)") from error
     spark.sparkContext.setLogLevel("ERROR")
     return spark
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary, model = run(args)
     except (BatchError, ModelUnavailableError, TrackingUnavailableError) as error:
-        log.error("%s", _one_line(error))
+        log.error("%s", brief(error, 400))
         return EXIT_UNUSABLE
     except Exception as error:
         if _is_no_input(error):
@@ -412,10 +413,6 @@ def _is_no_input(error: BaseException) -> bool:
     text = str(error)
     return type(error).__name__ == "AnalysisException" and ("PATH_NOT_FOUND" in text or "does not exist" in text)
 
-
-def _one_line(error: BaseException, limit: int = 400) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -19,7 +19,13 @@ from typing import TextIO
 
 from serving.pixels import DICOM_MAGIC_OFFSET, IMAGE_SUFFIXES, is_dicom
 from serving.runtime import RECORD_FIELDS, Predictor
-from serving.store import ModelUnavailableError, TrackingUnavailableError, load_artefact, production_uri
+from serving.store import (
+    ModelUnavailableError,
+    TrackingUnavailableError,
+    brief,
+    load_artefact,
+    production_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = Predictor(load_artefact(uri))
     except (ModelUnavailableError, TrackingUnavailableError) as error:
-        log.error("%s", " ".join(str(error).split()))  # one line: the cause, not a traceback
+        log.error("%s", brief(error, limit=2000))  # one line: the cause, not a traceback
         return 2
     predictions = predictor.predict_paths(paths)
     failed = [p for p in predictions if p.error]

@@ -52,6 +52,7 @@ from serving.decision import (
     Decision,
 )
 from serving.orientation import ORIENTATIONS, UPRIGHT
+from serving.runtime import UPRIGHT_NOTE
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,6 @@ DEFAULT_MAX_FILES = 16
 DEFAULT_OVERLAY_MAX_SIDE = 512
 NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 REVALIDATE = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
-# The note serving.runtime.Predictor attaches to a turned or mirrored X-ray it put back upright ("{orientation}":
-# a name of serving.orientation.ORIENTATIONS); the browser parity test checks the page's notes equal the server's.
-UPRIGHT_NOTE = "the image was {orientation}; it was put back upright before scoring"
 # Probabilities are shown in percent with one decimal, below the floor as "< 0.1%" and above the ceiling as
 # "> 99.9%", as the server page shows them (serving.card.percent; a test compares the two); results exposed
 # to programs keep the raw 0..1 values.

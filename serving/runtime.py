@@ -36,6 +36,8 @@ BATCH_SIZE = 64
 # first four, `path, probability_pneumonia, label, error`, are how models are evaluated from outside),
 # the MLflow pyfunc's and Spark's columns, the REST answer's fields and the app's table.
 RECORD_FIELDS = ("probability_pneumonia", "label", "error", "triage", "subtype", "probability_viral", "note")
+# The note on a turned or mirrored X-ray put back upright before scoring (the browser page reads it from here).
+UPRIGHT_NOTE = "the image was {orientation}; it was put back upright before scoring"
 RECORD_TYPES = {"probability_pneumonia": "double", "label": "string", "error": "string", "triage": "string",
                 "subtype": "string", "probability_viral": "double", "note": "string"}
 
@@ -208,7 +210,7 @@ class Predictor:
         # Turned or mirrored X-rays are scored again, put back upright: the gate and the map need it so.
         second = self._score([(position, grey) for position, grey, _ in turned], with_cam)
         for index, (position, grey, orientation) in enumerate(turned):
-            note = f"the image was {ORIENTATIONS[orientation]}; it was put back upright before scoring"
+            note = UPRIGHT_NOTE.format(orientation=ORIENTATIONS[orientation])
             results[position] = self._prediction(chunk[position][0], second, index, grey, with_cam, note)
         return results
 

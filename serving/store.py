@@ -82,7 +82,7 @@ def _registered_artefact(uri: str) -> Path:
         ) from error
     except Exception as error:  # a store MLflow cannot open (not a database, another schema): SQLAlchemy errors
         raise ModelUnavailableError(
-            f"the MLflow store {tracking_uri()} cannot be read ({_brief(error)}): point MLFLOW_TRACKING_URI at a "
+            f"the MLflow store {tracking_uri()} cannot be read ({brief(error)}): point MLFLOW_TRACKING_URI at a "
             "working store, or serve an exported model with --model-uri"
         ) from error
     try:
@@ -91,7 +91,7 @@ def _registered_artefact(uri: str) -> Path:
         raise ModelUnavailableError(
             f"{uri} (version {version.version}) is registered but its files cannot be loaded (missing "
             f"artefacts in the MLflow store): register a working model with `make repro`, or point the alias "
-            f"at another version. Cause: {_brief(error)}"
+            f"at another version. Cause: {brief(error)}"
         ) from error
     if not (folder / PYFUNC_ARTEFACT).is_file() and _is_serving_model(folder):
         raise ModelUnavailableError(
@@ -122,7 +122,8 @@ def resolve_version(client, uri: str):
     return client.get_model_version(name, version)
 
 
-def _brief(error: BaseException, limit: int = 300) -> str:
-    """The start of a library's error message: enough to see the cause, short enough to read."""
+def brief(error: BaseException, limit: int = 300) -> str:
+    """An error's message on one line, cut at `limit`: enough to see a library's cause, short enough to read
+    (the model-loading clients, the predict CLI and Spark's batch, use it for their one-line failures)."""
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
