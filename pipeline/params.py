@@ -93,6 +93,9 @@ class TrainParams:
     learning_rate: Annotated[StrictFloat, Field(gt=0.0)]
     schedule: Literal["constant", "cosine"]
     weight_decay: NonNegative
+    # Polyak averaging of the weights after every step (0: off); validation, the kept epoch and the saved
+    # network all use the averaged weights.
+    ema_momentum: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)]
     patience: Positive
     augment: AugmentParams
     # The share of training images turned by 90, 180 or 270 degrees for the orientation head (free labels);

@@ -97,18 +97,23 @@ MONITORED = "val_pneumonia_auc"
 
 
 def history_key(key: str) -> str:
-    """A Keras log key as the history names it: `val_pneumonia_auc` -> `val_auc`, `val_viral_auc` kept."""
+    """A Keras log key as the history names it: `val_pneumonia_auc` -> `val_auc`, `val_viral_auc` kept, and
+    the weighted sum of the three heads' losses `loss` -> `total_loss` (`loss` is the pneumonia head's)."""
+    if key in ("loss", "val_loss"):
+        return key.replace("loss", "total_loss")
     return key.replace("pneumonia_", "")
 
 
 def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam, or AdamW when `weight_decay` > 0; a constant rate or a cosine decay over all epochs."""
+    """Adam, or AdamW when `weight_decay` > 0; a constant rate or a cosine decay over all epochs; with an
+    exponential moving average of the weights when `ema_momentum` > 0."""
     learning_rate = params.learning_rate
     if params.schedule == "cosine":
         learning_rate = keras.optimizers.schedules.CosineDecay(learning_rate, params.epochs * steps_per_epoch)
+    averaging = {"use_ema": True, "ema_momentum": params.ema_momentum} if params.ema_momentum > 0 else {}
     if params.weight_decay > 0:
-        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=params.weight_decay)
-    return keras.optimizers.Adam(learning_rate=learning_rate)
+        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=params.weight_decay, **averaging)
+    return keras.optimizers.Adam(learning_rate=learning_rate, **averaging)
 
 
 def compile_model(model: keras.Model, params: TrainParams, steps_per_epoch: int) -> None:
@@ -133,7 +138,10 @@ def fit(params: TrainParams, seed: int, train: Split, val: Split, checkpoint: Pa
     model = build_model(train.images.shape[1], params)
     compile_model(model, params, -(-len(train) // params.batch_size))
     epoch_logger = EpochLogger(len(train))
+    # Swapped in before validation and kept in through the epoch's end, so the checkpoint holds the average.
+    averaging = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if params.ema_momentum > 0 else []
     own = [
+        *averaging,
         keras.callbacks.ModelCheckpoint(checkpoint, monitor=MONITORED, mode="max", save_best_only=True,
                                         save_weights_only=True),
         keras.callbacks.EarlyStopping(monitor=MONITORED, mode="max", patience=params.patience),

@@ -149,6 +149,7 @@ def test_tensorflow_and_numpy_orient_alike_and_serving_undoes_it():
 def test_history_keeps_the_pneumonia_heads_plain_names():
     assert history_key("val_pneumonia_auc") == "val_auc" and history_key("pneumonia_loss") == "loss"
     assert history_key("val_viral_auc") == "val_viral_auc"
+    assert history_key("loss") == "total_loss" and history_key("val_loss") == "val_total_loss"
 
 
 def test_class_weights_balance_the_classes():
@@ -194,16 +195,35 @@ def test_outside_a_run_nothing_is_logged(monkeypatch):
     monkeypatch.setattr(mlflow, "active_run", lambda: None)
     epoch_logger = EpochLogger(10)
     epoch_logger.on_epoch_begin(0)
-    epoch_logger.on_epoch_end(0, {"loss": 0.5})
-    assert logged == [] and epoch_logger.rows[0]["loss"] == 0.5
+    epoch_logger.on_epoch_end(0, {"loss": 0.9, "pneumonia_loss": 0.5})
+    assert logged == [] and epoch_logger.rows[0]["loss"] == 0.5 and epoch_logger.rows[0]["total_loss"] == 0.9
 
 
-def train_briefly(train: Split, val: Split, checkpoint, epochs: int):
-    params = train_params(image_size=32, filters=[8, 16], dropout=0.0, crop=1.0, stem_filters=0, batch_size=8,
-                          learning_rate=3e-3, epochs=epochs, patience=epochs, orientation_rate=0.0,
-                          augment=replace(NO_AUGMENT, rotation_deg=5.0))
+def brief_params(epochs: int, ema_momentum: float = 0.0):
+    return train_params(image_size=32, filters=[8, 16], dropout=0.0, crop=1.0, stem_filters=0, batch_size=8,
+                        learning_rate=3e-3, epochs=epochs, patience=epochs, orientation_rate=0.0,
+                        augment=replace(NO_AUGMENT, rotation_deg=5.0), ema_momentum=ema_momentum)
+
+
+def train_briefly(train: Split, val: Split, checkpoint, epochs: int, ema_momentum: float = 0.0):
     make_deterministic(7)  # as the train stage does before fitting
-    return fit(params, 7, train, val, checkpoint)
+    return fit(brief_params(epochs, ema_momentum), 7, train, val, checkpoint)
+
+
+def test_weight_averaging_keeps_the_averaged_network(fixture_splits, tmp_path):
+    train, val = fixture_splits
+    make_deterministic(7)
+    initial = [weight.numpy() for weight in build_model(48, brief_params(1)).trainable_weights]
+    plain, _ = train_briefly(train, val, tmp_path / "plain.weights.h5", epochs=3)
+    # An average that barely moves stays at the first step's weights (its first value): the plain network
+    # walks on for three epochs.
+    averaged, _ = train_briefly(train, val, tmp_path / "averaged.weights.h5", epochs=3, ema_momentum=0.9999)
+
+    def distance(model) -> float:
+        return sum(float(np.abs(now.numpy() - start).sum())
+                   for now, start in zip(model.trainable_weights, initial, strict=True))
+
+    assert distance(averaged) < 0.5 * distance(plain), (distance(averaged), distance(plain))
 
 
 def test_short_training_reduces_the_loss_and_is_deterministic(fixture_splits, logged_metrics, tmp_path):
