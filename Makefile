@@ -69,7 +69,7 @@ test-all: setup-dev setup-scale web
 	pytest -q --durations=20
 
 lint: setup-dev
-	ruff check pipeline serving tests benchmarks docs app.py
+	ruff check pipeline scoring serving tests benchmarks docs app.py
 
 # The on-device page's runtime is built first where npm is installed; the server page needs none of it.
 WEB_MISSING := the 'On this device' page needs its runtime (make web)
@@ -82,16 +82,16 @@ app: setup
 export: setup
 	python -m pipeline.export exports/pneumonia-cnn --force
 
-# A folder to push to a Hugging Face Space: the app, the serving package, the production model exported
+# A folder to push to a Hugging Face Space: the app, the scoring core (without the MLflow pyfunc) and its clients, the production model exported
 # (a Space has no MLflow store), the Space's own locked requirements and its README front matter.
 space: setup web
 	rm -rf space
 	mkdir -p space
 	python -m pipeline.export space/model
-	cp -r app.py serving examples space/
-	rm -f space/serving/pyfunc.py space/serving/pyfunc_model.py
+	cp -r app.py scoring serving examples space/
+	rm -f space/scoring/pyfunc.py space/scoring/pyfunc_model.py
 	rm -rf space/serving/web/node_modules
-	find space/serving -name __pycache__ -prune -exec rm -rf {} +
+	find space/scoring space/serving -name __pycache__ -prune -exec rm -rf {} +
 	cp deploy/space/README.md deploy/space/.gitattributes space/
 	cd deploy/space && ../../$(UV) export --frozen --no-hashes --no-emit-project --no-header --quiet \
 		-o ../../space/requirements.txt

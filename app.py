@@ -2,54 +2,61 @@
 
     python app.py [--model-uri URI] [--host 127.0.0.1] [--port 7860] [--share]
 
-It serves the registered model's ONNX serving artefact (`serving.runtime`): no TensorFlow, and MLflow
-only to resolve a `models:/` URI. Importing this module builds `demo` and nothing else; the model loads
+It serves the registered model's ONNX serving artefact (`scoring.runtime`): no TensorFlow, and MLflow
+only to resolve a `models:/` URI (run as a script: in a helper process, while Gradio is imported). Importing this module builds `demo` and nothing else; the model loads
 on first use, or before launch when run as a script. Research demo: not a medical device.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+from scoring.store import PendingArtefact
+from serving import settings
+
+APP_DIR = Path(__file__).parent
+SHIPPED_MODEL_DIR = APP_DIR / "model"
+if __name__ == "__main__":
+    # Before Gradio's import (~2 s): a registry model is resolved meanwhile by a helper process on the other
+    # core, and MLflow (~1.3 s, ~100 MB to import) never enters this one.
+    SETTINGS = settings.parse_args(sys.argv[1:], SHIPPED_MODEL_DIR, __doc__.split("\n\n")[0])
+    PREFETCH = PendingArtefact.start(SETTINGS.model_uri)
+
 import argparse
 import ctypes
 import logging
 import os
-import sys
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import numpy as np
 import pandas as pd
 
-from serving import gradio_workarounds as workarounds
-from serving import ondevice, rest
-from serving.card import DATA_SOURCE, NOT_A_DEVICE, card_markdown, percent
-from serving.checks import CHECKS_TEXT
-from serving.decision import REVIEW
-from serving.overlay import heatmap, overlay
-from serving.runtime import Prediction, Predictor
-from serving.store import (
-    ARTEFACT_FILE,
+from scoring.checks import CHECKS_TEXT
+from scoring.decision import REVIEW
+from scoring.pixels import MAX_FILE_BYTES, megabytes
+from scoring.runtime import Prediction, Predictor
+from scoring.store import (
     ModelUnavailableError,
     TrackingUnavailableError,
     load_artefact,
     production_uri,
 )
+from serving import gradio_workarounds as workarounds
+from serving import ondevice, rest
+from serving.card import DATA_SOURCE, NOT_A_DEVICE, card_markdown, percent
+from serving.overlay import heatmap, overlay
 
 log = logging.getLogger("app")
 
-APP_DIR = Path(__file__).parent
 EXAMPLES_DIR = APP_DIR / "examples"
-SHIPPED_MODEL_DIR = APP_DIR / "model"
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7860
-DEFAULT_MAX_FILE_MB = 20
 MAX_FILES = 16
 # Gradio refuses a whole upload when one file is over its limit: it gets this multiple of the per-file
 # limit, so a file over the per-file limit still arrives and gets its own row (and the others are scored).
@@ -166,8 +173,9 @@ class ModelService:
     Never raises: a failure to load leaves `problem` saying why, which the page shows.
     """
 
-    def __init__(self, uri: str | None) -> None:
+    def __init__(self, uri: str | None, prefetch: PendingArtefact | None = None) -> None:
         self.uri = uri
+        self.prefetch = prefetch  # the same URI, already being resolved by a helper process
         self.predictor: Predictor | None = None
         self.problem: str | None = None
         self._loaded = False
@@ -187,7 +195,7 @@ class ModelService:
     def _load(self) -> None:
         started = time.perf_counter()
         try:
-            self.predictor = Predictor(load_artefact(self.uri))
+            self.predictor = Predictor(self.prefetch.load() if self.prefetch else load_artefact(self.uri))
         except (ModelUnavailableError, TrackingUnavailableError) as error:
             log.warning("no model to serve: %s", error)
             self.problem = str(error)
@@ -229,7 +237,7 @@ class Outcome:
 
 
 def predict_files(paths: list[str] | None, service: ModelService,
-                  max_file_bytes: int = DEFAULT_MAX_FILE_MB * 1_000_000) -> Outcome:
+                  max_file_bytes: int = MAX_FILE_BYTES) -> Outcome:
     """The app's prediction logic: uploaded file paths in, a result and a heatmap per file out; never raises
     for bad input. A file over the size limit gets its own row; the others are scored."""
     paths = list(paths or [])
@@ -264,11 +272,6 @@ def size_problem(path: Path, limit: int) -> str | None:
             "smaller size (PNG or JPEG at its original resolution is usually a few MB)")
 
 
-def megabytes(size: int) -> str:
-    """Sizes in MB (10^6 bytes) everywhere: `27 MB`, `27.3 MB`, `0.3 MB`."""
-    return f"{size / 1e6:.3g} MB"
-
-
 def upload_ceiling(max_file_bytes: int) -> int:
     """Gradio's own upload limit (`launch(max_file_size=...)`): above the per-file limit, which the app checks."""
     return UPLOAD_CEILING_FACTOR * max_file_bytes
@@ -281,11 +284,18 @@ def score_and_render(paths: list[str] | None, service: ModelService,
     return outcome, [None if picture is None else workarounds.write_heatmap(picture) for picture in outcome.overlays]
 
 
+def on_cpu_clock(function: Any, *args: Any) -> tuple[Any, float]:
+    """`function(*args)` and the CPU seconds this thread spent in it: the app's own work per request, apart
+    from Gradio's (the load benchmark reads it from the log)."""
+    started = time.thread_time()
+    return function(*args), time.thread_time() - started
+
+
 def render_overlay(prediction: Prediction, predictor: Predictor) -> np.ndarray:
     grey = prediction.grey
     scale = OVERLAY_MAX_SIDE / max(grey.shape)
     if scale < 1:
-        from serving.imaging import resize_to
+        from scoring.imaging import resize_to
 
         grey = resize_to(grey, (round(grey.shape[0] * scale), round(grey.shape[1] * scale)))
     heat = heatmap(prediction.cam, grey.shape, prediction.label == predictor.decision.class_names[1],
@@ -427,7 +437,7 @@ class SessionViews:
             self._views.pop(session, None)
 
 
-def create_demo(service: ModelService, max_file_bytes: int = DEFAULT_MAX_FILE_MB * 1_000_000) -> gr.Blocks:
+def create_demo(service: ModelService, max_file_bytes: int = MAX_FILE_BYTES) -> gr.Blocks:
     """The app around one model service (loaded on first use)."""
     delete_cache = upload_cache_policy()
     # All model work on one thread: Gradio runs events on any of its ~40 worker threads, and every thread
@@ -442,15 +452,16 @@ def create_demo(service: ModelService, max_file_bytes: int = DEFAULT_MAX_FILE_MB
             raise gr.Error(no_model_message(service), print_exception=False)
         started = time.perf_counter()
         try:
-            outcome, heatmaps = model_thread.submit(score_and_render, paths, service, max_file_bytes).result()
+            (outcome, heatmaps), cpu = model_thread.submit(on_cpu_clock, score_and_render, paths, service,
+                                                           max_file_bytes).result()
         except Exception as error:
             # Never the image or its metadata in the log: only what went wrong in our code.
             log.exception("prediction failed")
             raise gr.Error("Scoring failed unexpectedly; the error was logged on the server.",
                            print_exception=False) from error
         failed = sum(not r.scored for r in outcome.results)
-        log.info("scored %d of %d files in %.0f ms", len(outcome.results) - failed, len(outcome.results),
-                 1000 * (time.perf_counter() - started))
+        log.info("scored %d of %d files in %.0f ms (%.1f ms CPU)", len(outcome.results) - failed,
+                 len(outcome.results), 1000 * (time.perf_counter() - started), 1000 * cpu)
         if request is not None:
             views.keep(request.session_hash, [(outcome.result_text(index), path) for index, path in enumerate(heatmaps)])
         shown = outcome.shown
@@ -546,32 +557,8 @@ def _example_label(path: Path) -> str:
     return kind.capitalize() + (f" ({detail})" if detail else "")
 
 
-def default_model_uri() -> str | None:
-    """An exported model shipped beside the app (a Hugging Face Space has no MLflow store), else None:
-    the registry's production alias."""
-    return str(SHIPPED_MODEL_DIR) if (SHIPPED_MODEL_DIR / ARTEFACT_FILE).is_file() else None
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python app.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", DEFAULT_HOST),
-                        help="interface to listen on (env GRADIO_SERVER_NAME; default %(default)s)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT)),
-                        help="port (env GRADIO_SERVER_PORT; default %(default)s)")
-    parser.add_argument("--share", action="store_true", default=_env_flag("GRADIO_SHARE"),
-                        help="also ask for a public gradio.live link (env GRADIO_SHARE)")
-    parser.add_argument("--model-uri", default=os.environ.get("PNEUMONIA_MODEL_URI") or default_model_uri(),
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported model folder "
-                             "(env PNEUMONIA_MODEL_URI; default: a `model/` export beside app.py, as on a "
-                             "Space, else the production alias)")
-    parser.add_argument("--max-file-mb", type=float,
-                        default=float(os.environ.get("PNEUMONIA_MAX_FILE_MB", DEFAULT_MAX_FILE_MB)),
-                        help="largest upload accepted, in MB (env PNEUMONIA_MAX_FILE_MB; default %(default)s)")
-    return parser.parse_args(argv)
+    return settings.parse_args(argv, SHIPPED_MODEL_DIR, __doc__.split("\n\n")[0])
 
 
 def launch(app: gr.Blocks, settings: argparse.Namespace) -> None:
@@ -608,7 +595,6 @@ def tune_malloc() -> bool:
 
 if __name__ == "__main__":
     # Before any component exists: components keep the cache folder they were built with.
-    SETTINGS = parse_args(sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes
     CACHE = workarounds.private_cache()
@@ -616,7 +602,8 @@ if __name__ == "__main__":
     tune_malloc()  # before Gradio starts its worker threads
 else:
     SETTINGS = parse_args([])  # imported (tests, `gradio app.py`): the environment fallbacks apply
-SERVICE = ModelService(SETTINGS.model_uri)
+    PREFETCH = None
+SERVICE = ModelService(SETTINGS.model_uri, PREFETCH)
 demo = create_demo(SERVICE, max_file_bytes=int(SETTINGS.max_file_mb * 1_000_000))
 
 if __name__ == "__main__":

@@ -34,17 +34,20 @@ from typing import Any
 
 import numpy as np
 
-from serving.imaging import decode_greyscale, resize_grey
-from serving.locations import production_uri
+from scoring.imaging import decode_greyscale, resize_grey
+from scoring.locations import production_uri
+from scoring.runtime import Predictor
+from scoring.store import load_artefact
 from serving.overlay import heatmap, overlay
-from serving.runtime import Predictor
-from serving.store import load_artefact
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "app.py"
 EXAMPLES = sorted((ROOT / "examples").glob("*.png"))
 
-TARGETS = {"predict_and_heatmap_p50_ms": 2.5, "ready_s": 2.5, "rss_ready_mb": 300.0, "serve_images_per_s": 200.0}
+# Issue targets: predict + heatmap <= 10 ms (model quality III); ready <= 3.0 s and <= 350 MB after a first
+# predict, serving the registry's production alias (scoring core).
+TARGETS = {"predict_and_heatmap_p50_ms": 10.0, "ready_s": 3.0, "rss_after_request_mb": 350.0,
+           "serve_images_per_s": 200.0}
 READY_TIMEOUT_S = 180.0
 SERVE_BATCH = 32
 
@@ -230,6 +233,7 @@ def markdown(result: dict[str, Any]) -> str:
     both = lat["predict_and_heatmap"]
     ready = statistics.median(run["ready_s"] for run in starts)
     rss = statistics.median(run["rss_ready_mb"] for run in starts)
+    rss_after = statistics.median(run["rss_after_request_mb"] for run in starts)
     rows = [row("measurement", "p50", "p95", "target", "met"), row("---", "---", "---", "---", "---"),
             row("predict (decode, checks, ONNX artefact)", f"{lat['predict']['p50_ms']:.2f} ms",
                 f"{lat['predict']['p95_ms']:.2f} ms", "", ""),
@@ -244,8 +248,9 @@ def markdown(result: dict[str, Any]) -> str:
     rows += [row(f"`python app.py` ready (median of {len(starts)}; max in p95 column)", f"{ready:.2f} s",
                  f"{max(run['ready_s'] for run in starts):.2f} s", f"<= {TARGETS['ready_s']} s",
                  verdict(ready <= TARGETS["ready_s"])),
-             row("app resident memory when ready", f"{rss:.0f} MB", "", f"<= {TARGETS['rss_ready_mb']:.0f} MB",
-                 verdict(rss <= TARGETS["rss_ready_mb"])),
+             row("app resident memory when ready", f"{rss:.0f} MB", "", "", ""),
+             row("app resident memory after a first predict", f"{rss_after:.0f} MB", "",
+                 f"<= {TARGETS['rss_after_request_mb']:.0f} MB", verdict(rss_after <= TARGETS["rss_after_request_mb"])),
              row("TensorFlow mapped in the app process", str(any(run["tensorflow_mapped"] for run in starts)),
                  "", "False", verdict(not any(run["tensorflow_mapped"] for run in starts))),
              row("first `/predict` over HTTP (upload, score, heatmap)",

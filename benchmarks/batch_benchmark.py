@@ -30,7 +30,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from serving.locations import MODEL_NAME
+from scoring.locations import MODEL_NAME
 
 PROJECT = Path(__file__).resolve().parents[1]
 # The mirror of the training split, where this project's machines keep it (../shared beside the project).
@@ -97,8 +97,8 @@ def spark_end_to_end(folder: Path, uri: str, out: Path, master: str, env: dict[s
 
 
 def cli_steady(paths: list[Path], uri: str) -> float:
-    from serving.runtime import Predictor
-    from serving.store import load_artefact
+    from scoring.runtime import Predictor
+    from scoring.store import load_artefact
 
     predictor = Predictor(load_artefact(uri))
     predictor.predict_paths(paths[:64])  # warm up ONNX Runtime
@@ -130,10 +130,10 @@ def components(paths: list[Path], uri: str, sample: int = 512) -> dict[str, floa
     import numpy as np
     import pandas as pd
 
-    from serving import checks
-    from serving.imaging import decode_greyscale, resize_grey
-    from serving.runtime import Predictor
-    from serving.store import artefact_path, load_artefact
+    from scoring import checks
+    from scoring.imaging import decode_greyscale, resize_grey
+    from scoring.runtime import Predictor
+    from scoring.store import artefact_path, load_artefact
 
     paths = paths[:sample]
     data = [p.read_bytes() for p in paths]

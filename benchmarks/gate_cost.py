@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.imaging import decode_greyscale, resize_grey
-from serving.runtime import ServingArtefact
+from scoring.imaging import decode_greyscale, resize_grey
+from scoring.runtime import ServingArtefact
 
 ROOT = Path(__file__).resolve().parent.parent
 WITHOUT_GATE = ROOT / "models" / "calibrated.onnx"

@@ -151,7 +151,7 @@ def stand_in_model(folder: Path) -> str:
     one is of an upright X-ray), exported as the app serves it."""
     from pipeline.artefact import build
     from pipeline.export import write_bundle
-    from serving.decision import Decision
+    from scoring.decision import Decision
 
     sys.path.insert(0, str(ROOT))  # tests/ is not installed
     from tests.helpers import project_params, tiny_keras_model

@@ -136,8 +136,8 @@ def score(name: str, assignments: list[str], seed: int, model, splits: dict[str,
     import mlflow
 
     from pipeline.artefact import build
-    from serving.decision import Decision
-    from serving.runtime import ServingArtefact
+    from scoring.decision import Decision
+    from scoring.runtime import ServingArtefact
 
     size = int(model.input_shape[1])
     crop = model.get_layer("centre_crop").height / size if "centre_crop" in [layer.name for layer in model.layers] else 1.0

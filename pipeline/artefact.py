@@ -11,12 +11,12 @@ on which way round the film was put), and gives
   it equals Grad-CAM up to normalisation (tested against `pipeline.gradcam`);
 - `probability_viral` (N): the calibrated probability that a pneumonia is viral (`decision.subtype_calibration`
   folded in, as for `probability`);
-- `orientation` (N x 8): the probability of each of `serving.orientation.ORIENTATIONS`, from the image as
+- `orientation` (N x 8): the probability of each of `scoring.orientation.ORIENTATIONS`, from the image as
   given (not averaged with its mirror: it has to tell them apart);
 - `ood_score` (N), when an input gate is given: over the gate's layers, the sum of each layer's squared
   Mahalanobis distance (per feature) from its globally pooled output to the nearer class mean (tied
   covariance, fitted on the training images; `pipeline.ood`).
-The decision metadata (`serving.decision`) is written into the graph's metadata.
+The decision metadata (`scoring.decision`) is written into the graph's metadata.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.model import ORIENTATION_OUTPUT_NAME, OUTPUT_NAME, SUBTYPE_OUTPUT_NAME
-from serving.decision import (
+from scoring.decision import (
     CAM_OUTPUT,
     INPUT_NAME,
     OOD_OUTPUT,
@@ -39,7 +39,7 @@ from serving.decision import (
     Decision,
     write,
 )
-from serving.orientation import ORIENTATIONS
+from scoring.orientation import ORIENTATIONS
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ version.
 INPUT is a folder (searched recursively) or a glob of image files, read with Spark's `binaryFile` source,
 or a Parquet table with a binary column of image file bytes (`--format parquet`, or a path ending in
 `.parquet`). Every row goes through `mlflow.pyfunc.spark_udf` on the registered MLflow model (the pyfunc
-around the ONNX serving artefact, `serving.pyfunc`), so Spark accepts, refuses and labels files exactly as
+around the ONNX serving artefact, `scoring.pyfunc`), so Spark accepts, refuses and labels files exactly as
 the app and `python -m pipeline.predict` do. A bad file becomes a row with an error, never a failed job:
 undecodable or implausible images are refused by the model; files Spark does not read (empty, over the
 50 MB limit, unreadable, vanished) are added as error rows after the job.
@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.locations import TrackingUnavailableError, configure_tracking, production_uri
-from serving.pixels import IMAGE_SUFFIXES, MAX_FILE_BYTES
-from serving.runtime import RECORD_FIELDS, RECORD_TYPES
-from serving.store import brief
+from scoring.locations import TrackingUnavailableError, brief, configure_tracking, production_uri
+from scoring.pixels import IMAGE_SUFFIXES, MAX_FILE_BYTES, megabytes
+from scoring.runtime import RECORD_FIELDS, RECORD_TYPES
+from scoring.store import PYFUNC_ARTEFACT, ModelUnavailableError, download_registered
 
 log = logging.getLogger("pipeline.batch")
 
@@ -54,7 +54,7 @@ DEFAULT_IMAGES_PER_TASK = 256
 RESULT_TYPE = ", ".join([*(f"{name} {RECORD_TYPES[name]}" for name in RECORD_FIELDS), "threshold double"])
 UNREADABLE = "the file could not be read: not scored"
 EMPTY = "the file is empty (or vanished while the job ran): not scored"
-TOO_LARGE = f"file is larger than the {MAX_FILE_BYTES // (1024 * 1024)} MB limit: not scored"
+TOO_LARGE = f"file is larger than the {megabytes(MAX_FILE_BYTES)} limit: not scored"
 LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 PANDAS_WARNING = "PySpark does not yet fully support pandas"
 EXIT_OK, EXIT_SOME_ERRORS, EXIT_UNUSABLE = 0, 1, 2
@@ -95,36 +95,17 @@ class Summary:
 
 def resolve_model(uri: str | None, scratch: Path) -> ScoringModel:
     """Download the MLflow model behind `uri` (default: production) once, on the driver, pinned to a version."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from serving.runtime import ArtefactLoadError, ServingArtefact
-    from serving.store import ModelUnavailableError, resolve_version
+    from scoring.runtime import ArtefactLoadError, ServingArtefact
 
     uri = uri or production_uri()
     registered_name = registered_version = None
-    pinned = uri
     if uri.startswith("models:/"):
-        configure_tracking()
-        try:
-            version = resolve_version(mlflow.MlflowClient(), uri)
-        except MlflowException as error:
-            raise ModelUnavailableError(f"no model at {uri} in the MLflow store: {brief(error, 400)}") from error
-        registered_name, registered_version = version.name, str(version.version)
-        pinned = f"models:/{version.name}/{version.version}"
-    elif "://" in uri:
-        configure_tracking()  # runs:/ and mlflow-artifacts:/ URIs go through the tracking store
-    elif not Path(uri).exists():
-        raise ModelUnavailableError(f"{uri}: neither a models:/ URI nor an existing MLflow model folder")
-    elif not (Path(uri) / "MLmodel").is_file():
-        raise ModelUnavailableError(
-            f"{uri} is not an MLflow model folder (no MLmodel file): Spark scores registered models; score an "
-            "exported model folder with `python -m pipeline.predict --model-uri`")
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(scratch)))
-    except Exception as error:  # MLflow surfaces missing artefacts as many exception types
-        raise ModelUnavailableError(f"{pinned}: the model's files cannot be downloaded ({brief(error, 400)})") from error
-    onnx = local / "artifacts" / "model.onnx"
+        registered = download_registered(uri, scratch)
+        registered_name, registered_version, pinned, local = (registered.name, registered.version, registered.uri,
+                                                              registered.folder)
+    else:
+        pinned, local = uri, _download_unregistered(uri, scratch)
+    onnx = local / PYFUNC_ARTEFACT
     try:
         decision = ServingArtefact.from_file(onnx).decision
     except (OSError, ArtefactLoadError) as error:
@@ -134,6 +115,24 @@ def resolve_model(uri: str | None, scratch: Path) -> ScoringModel:
     return ScoringModel(local_path=str(local), uri=pinned, name=registered_name or decision.model_name,
                         version=registered_version or str(decision.model_version or "unregistered"),
                         threshold=float(decision.threshold))
+
+
+def _download_unregistered(uri: str, scratch: Path) -> Path:
+    """An MLflow model folder behind a runs:/ URI or a local path, downloaded into `scratch`."""
+    import mlflow
+
+    if "://" in uri:
+        configure_tracking()  # runs:/ and mlflow-artifacts:/ URIs go through the tracking store
+    elif not Path(uri).exists():
+        raise ModelUnavailableError(f"{uri}: neither a models:/ URI nor an existing MLflow model folder")
+    elif not (Path(uri) / "MLmodel").is_file():
+        raise ModelUnavailableError(
+            f"{uri} is not an MLflow model folder (no MLmodel file): Spark scores registered models; score an "
+            "exported model folder with `python -m pipeline.predict --model-uri`")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(scratch)))
+    except Exception as error:  # MLflow surfaces missing artefacts as many exception types
+        raise ModelUnavailableError(f"{uri}: the model's files cannot be downloaded ({brief(error, 400)})") from error
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,7 +388,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("py4j", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = parse_args(argv)
-    from serving.store import ModelUnavailableError
 
     try:
         summary, model = run(args)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from serving.locations import project_root, unreachable_server
+from scoring.locations import brief, project_root, unreachable_server
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,6 @@ def raise_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
-def one_line(error: BaseException) -> str:
-    """An error's message on one line (library messages often span several), for a log line."""
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 @contextmanager
 def stage_errors(logger: logging.Logger, *expected: type[BaseException]) -> Iterator[None]:
     """How a stage's `main()` ends on the failures it expects: one clear log line and exit status 1 for
@@ -132,13 +127,13 @@ def stage_errors(logger: logging.Logger, *expected: type[BaseException]) -> Iter
         logger.error("%s; outputs of this stage are incomplete: run it again", error)
         raise SystemExit(128 + signal.SIGTERM) from None
     except expected as error:  # the server going away is the cause to report, whatever it surfaced as
-        logger.error("%s", one_line(unreachable_server(error) or error))
+        logger.error("%s", brief(unreachable_server(error) or error, limit=None))
         raise SystemExit(1) from None
     except Exception as error:
         unreachable = unreachable_server(error)
         if unreachable is None:
             raise
-        logger.error("%s", one_line(unreachable))
+        logger.error("%s", brief(unreachable, limit=None))
         raise SystemExit(1) from None
     finally:
         if previous is not None:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from pipeline.common import setup_logging, sha256_file, stage_errors
 from pipeline.params import DataParams, stage_params
 from pipeline.paths import DOWNLOAD_DIR, EXTERNAL_SOURCE, RAW_EXTERNAL_DIR, RAW_TRAIN_DIR, TRAIN_SOURCE
-from serving.locations import persistent_root
+from scoring.locations import persistent_root
 
 log = logging.getLogger(__name__)
 

@@ -57,8 +57,8 @@ from pipeline.paths import (
     TRAIN_SUMMARY_FILE,
 )
 from pipeline.registry import TrackingUnavailableError, configure_tracking
-from serving.decision import CLASS_NAMES, Decision
-from serving.runtime import Scores, ServingArtefact
+from scoring.decision import CLASS_NAMES, Decision
+from scoring.runtime import Scores, ServingArtefact
 
 matplotlib.use("Agg")  # files only, no display
 from matplotlib import pyplot as plt

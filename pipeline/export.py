@@ -17,16 +17,16 @@ import shutil
 import sys
 from pathlib import Path
 
-from serving.card import card_markdown
-from serving.runtime import ServingArtefact
-from serving.store import (
-    ARTEFACT_FILE,
+from scoring.runtime import ServingArtefact
+from scoring.store import (
+    ARTEFACT_NAME,
     ModelUnavailableError,
     TrackingUnavailableError,
     artefact_path,
     load_artefact,
     production_uri,
 )
+from serving.card import card_markdown
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def write_bundle(onnx_model: bytes, dest: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        (staging / ARTEFACT_FILE).write_bytes(onnx_model)
+        (staging / ARTEFACT_NAME).write_bytes(onnx_model)
         (staging / CARD_FILE).write_text(card_markdown(artefact.decision, title=True) + "\n", encoding="utf-8")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -70,7 +70,7 @@ def _check_destination(dest: Path, force: bool) -> None:
         raise ExportError(f"{dest} exists and is not a folder")
     if not any(dest.iterdir()):
         return
-    if not (dest / ARTEFACT_FILE).is_file():
+    if not (dest / ARTEFACT_NAME).is_file():
         raise ExportError(f"{dest} exists and is not an exported model: choose an empty or new folder")
     if not force:
         raise ExportError(f"{dest} already holds an exported model: pass --force to replace it")

@@ -19,7 +19,7 @@ from keras import layers
 
 from pipeline.arrays import NO_SUBTYPE
 from pipeline.params import AugmentParams, TrainParams
-from serving.orientation import ORIENTATIONS
+from scoring.orientation import ORIENTATIONS
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "pneumonia_probability"

@@ -42,9 +42,9 @@ from pipeline.common import setup_logging, stage_errors, write_json
 from pipeline.model import OUTPUT_NAME
 from pipeline.params import OodParams, stage_params
 from pipeline.paths import ARTEFACT_FILE, CALIBRATED_FILE, MODEL_FILE, OOD_FILE
-from serving import checks
-from serving.imaging import ImageDecodeError, decode_greyscale, resize_grey
-from serving.runtime import Predictor, ServingArtefact
+from scoring import checks
+from scoring.imaging import ImageDecodeError, decode_greyscale, resize_grey
+from scoring.runtime import Predictor, ServingArtefact
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +346,8 @@ ORIENTATION_COMPETENCE = 0.5
 
 def orientation_check(keras_model: keras.Model, confidence: float) -> tuple[float | None, dict[str, Any]]:
     """(the orientation confidence the decision uses, or None to score images as given; the report)."""
-    from serving.decision import Decision
-    from serving.orientation import UPRIGHT
+    from scoring.decision import Decision
+    from scoring.orientation import UPRIGHT
 
     probe = Decision(0.5, "none", int(keras_model.input_shape[1]), orientation_confidence=confidence)
     images = load_split("val").images.astype(np.float32)[..., np.newaxis]

@@ -16,7 +16,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, Vali
 from pydantic.dataclasses import dataclass
 
 from pipeline.paths import PARAMS_FILE
-from serving.locations import project_root
+from scoring.locations import project_root
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 Fraction = Annotated[StrictFloat, Field(ge=0.0, lt=1.0)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving import locations
+from scoring import locations
 
 PARAMS_FILE = Path(locations.PARAMS_FILE)
 

@@ -3,7 +3,7 @@ URI] [--output CSV]`. Writes path, probability of pneumonia, label at the model'
 error, then triage (NORMAL, PNEUMONIA or REVIEW), subtype (BACTERIAL or VIRAL for a PNEUMONIA), probability
 that it is viral, and a note when the X-ray was put back upright before scoring.
 
-It runs the serving artefact (`serving.runtime`, no TensorFlow), so it accepts, refuses and labels files
+It runs the serving artefact (`scoring.runtime`, no TensorFlow), so it accepts, refuses and labels files
 exactly as the app and the MLflow model do. Exit status: 0 all files scored; 1 some files could not be
 read or were refused (their rows carry the error, the rest are scored); 2 no usable model or no input files.
 """
@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from serving.pixels import DICOM_MAGIC_OFFSET, IMAGE_SUFFIXES, is_dicom
-from serving.runtime import RECORD_FIELDS, Predictor
-from serving.store import (
+from scoring.pixels import DICOM_MAGIC_OFFSET, IMAGE_SUFFIXES, is_dicom
+from scoring.runtime import RECORD_FIELDS, Predictor
+from scoring.store import (
     ModelUnavailableError,
     TrackingUnavailableError,
     brief,

@@ -26,14 +26,14 @@ from pipeline.arrays import BACTERIAL, NO_SUBTYPE, VIRAL, Split, save_split
 from pipeline.common import setup_logging, stage_errors, write_json
 from pipeline.params import PreprocessParams, stage_params
 from pipeline.paths import DATA_SUMMARY_FILE, MANIFEST_FILE, RAW_DIR, RAW_EXTERNAL_DIR, split_file
-from serving.decision import CLASS_NAMES
-from serving.imaging import ImageDecodeError, decode_greyscale, read_bytes, resize_grey
+from scoring.decision import CLASS_NAMES
+from scoring.imaging import ImageDecodeError, decode_greyscale, read_bytes, resize_grey
+from scoring.pixels import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 CARVED_SPLITS = ("train", "val", "test")
 EXTERNAL = "external"
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 # personN_bacteria_M / personN_virus_M: child N. IM-XXXX-YYYY (and IM-XXXX-YYYY-ZZZZ in the test folder),
 # NORMAL2-IM-XXXX-YYYY: study IM-XXXX (the NORMAL2 prefix is folded in, so a study that appears under
 # both names stays on one side).
@@ -85,7 +85,8 @@ def list_records(class_root: Path, raw_dir: Path, namespace: str = "") -> list[R
     records = []
     for label, class_name in enumerate(CLASS_NAMES):
         for path in sorted((class_root / class_name).rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+            suffix = path.suffix.lower().removeprefix(".")
+            if path.is_file() and suffix in IMAGE_SUFFIXES and not path.name.startswith("."):
                 patient = f"{namespace}{patient_id(path.name)}"
                 records.append(Record(path.relative_to(raw_dir).as_posix(), patient, label))
     return records

@@ -1,12 +1,13 @@
 """Stage: register the serving artefact as a new version of the MLflow model; move the `production` alias
 to it only when it is at least as good as the current production version on the same images, today.
 
-The registered model is a pyfunc around the ONNX artefact (`serving.pyfunc`), with the registry name and
+The registered model is a pyfunc around the ONNX artefact (`scoring.pyfunc`), with the registry name and
 version stamped into the artefact's decision; the Keras model stays logged in the same run for
 retraining. The deciding metric is `register.promotion_metric`, scored on the external set when there is
 one, else on validation (choosing between models is selection: never on the carved test split). The
 decision is kept as version tags, in the version's description and in `models/registration.json`; the
-registered artefact itself is exported to `models/registered/` (tracked by DVC, so `dvc pull` brings it).
+next stage (`pipeline.bundle`) exports the registered version to `models/registered/`. This stage and the
+logged model depend on the scoring core only (`scoring/`), never on a client of it.
 """
 
 from __future__ import annotations
@@ -25,23 +26,21 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.arrays import has_split, load_split
 from pipeline.common import git_commit, read_json, setup_logging, stage_errors, write_json
-from pipeline.export import write_bundle
 from pipeline.metrics import point_metrics
 from pipeline.params import RegisterParams, stage_params
-from pipeline.paths import ARTEFACT_FILE, REGISTERED_DIR, REGISTRY_FILE, ROBUSTNESS_FILE, RUN_FILE
+from pipeline.paths import ARTEFACT_FILE, REGISTRY_FILE, ROBUSTNESS_FILE, RUN_FILE
 from pipeline.registry import MODEL_NAME, PRODUCTION_ALIAS, TrackingUnavailableError, configure_tracking
-from serving import decision as decision_store
-from serving.pyfunc import ARTEFACT_KEY, SIGNATURE
-from serving.runtime import ServingArtefact
-from serving.store import ARTEFACT_FILE as ARTEFACT_NAME
-from serving.store import ModelUnavailableError, load_artefact
+from scoring import decision as decision_store
+from scoring.pyfunc import ARTEFACT_KEY, SIGNATURE
+from scoring.runtime import ServingArtefact
+from scoring.store import ARTEFACT_NAME, ModelUnavailableError, load_artefact
 
 log = logging.getLogger(__name__)
 
 SERVING_MODEL_NAME = "serving-model"
 # The pyfunc is logged as code, not as a pickled object: loading it runs no stored bytes.
-SERVING_PACKAGE = Path("serving")
-PYFUNC_CODE = SERVING_PACKAGE / "pyfunc_model.py"
+CORE_PACKAGE = Path("scoring")
+PYFUNC_CODE = CORE_PACKAGE / "pyfunc_model.py"
 EXAMPLE_IMAGE = Path("examples") / "normal_IM-0115-0001.png"
 
 
@@ -78,8 +77,8 @@ def next_version(client: MlflowClient) -> str:
     return str(max((int(v.version) for v in versions), default=0) + 1)
 
 
-def serving_modules(entry: Path = PYFUNC_CODE) -> list[Path]:
-    """The serving package's modules the pyfunc needs: `entry` and what it imports, transitively. The
+def core_modules(entry: Path = PYFUNC_CODE) -> list[Path]:
+    """The scoring core's modules the pyfunc needs: `entry` and what it imports, transitively. The
     logged model carries only these (the scoring core), never the app's or the browser page's modules."""
     import ast
 
@@ -90,10 +89,10 @@ def serving_modules(entry: Path = PYFUNC_CODE) -> list[Path]:
             continue
         needed.add(module)
         for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == SERVING_PACKAGE.name:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == CORE_PACKAGE.name:
                 names = [node.module.split(".", 1)[1]] if "." in node.module else [a.name for a in node.names]
-                queue += [SERVING_PACKAGE / f"{name}.py" for name in names if (SERVING_PACKAGE / f"{name}.py").is_file()]
-    return sorted(needed | {SERVING_PACKAGE / "__init__.py"})
+                queue += [CORE_PACKAGE / f"{name}.py" for name in names if (CORE_PACKAGE / f"{name}.py").is_file()]
+    return sorted(needed | {CORE_PACKAGE / "__init__.py"})
 
 
 def log_serving_model(run_id: str, artefact_path: Path) -> str:
@@ -105,9 +104,9 @@ def log_serving_model(run_id: str, artefact_path: Path) -> str:
 
     example = pd.DataFrame({"image": [EXAMPLE_IMAGE.read_bytes()]})
     with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as scratch:
-        package = Path(scratch) / SERVING_PACKAGE.name
+        package = Path(scratch) / CORE_PACKAGE.name
         package.mkdir()
-        for module in serving_modules():
+        for module in core_modules():
             shutil.copy2(module, package / module.name)
         info = mlflow.pyfunc.log_model(
             name=SERVING_MODEL_NAME, python_model=str(PYFUNC_CODE), artifacts={ARTEFACT_KEY: str(artefact_path)},
@@ -146,7 +145,6 @@ def register(params: RegisterParams) -> dict[str, Any]:
             client.delete_model_version(MODEL_NAME, version.version)
             raise ModelUnavailableError(f"the registry gave version {version.version}, not {expected}: "
                                         "another registration ran at the same time; run the stage again")
-        write_bundle(staged.read_bytes(), REGISTERED_DIR)
     promote = previous_score is None or new_score >= round(previous_score, 4)
     reason = _reason(promote, f"{split} {metric}", new_score, previous_version, previous_score)
     client.update_model_version(MODEL_NAME, version.version, description=_description(decision, reason))

@@ -2,14 +2,14 @@
 
 The store is `MLFLOW_TRACKING_URI`, or SQLite in the real project folder (`mlflow.db`, artifacts in
 `mlruns/`), resolved to an absolute path so DVC's temporary experiment workspaces log into the project,
-not into a copy (`serving.locations`, which serving shares, owns that rule).
+not into a copy (`scoring.locations`, which serving shares, owns that rule).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from serving.locations import (
+from scoring.locations import (
     MODEL_NAME,
     PRODUCTION_ALIAS,
     TrackingUnavailableError,

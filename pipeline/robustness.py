@@ -6,7 +6,7 @@ its calibration and threshold, is scored as it will be served, and the share of 
 gate would refuse is reported beside the metrics (which count every image). Outputs `reports/robustness.json` (a
 report, not a DVC metric: it has a row per shift and split) and `reports/robustness.png`.
 
-Under `served`, the external set's X-rays go through the whole serving path (`serving.runtime.Predictor`:
+Under `served`, the external set's X-rays go through the whole serving path (`scoring.runtime.Predictor`:
 checks, orientation, gate) turned by 90, 180 and 270 degrees, mirrored, and with sensor noise: the share
 of copies scored, the share whose label differs from the upright image's, and the accuracy of those scored.
 """
@@ -26,9 +26,9 @@ from pipeline.common import setup_logging, stage_errors, write_json
 from pipeline.metrics import point_metrics
 from pipeline.params import RobustnessParams, stage_params
 from pipeline.paths import ARTEFACT_FILE, ROBUSTNESS_FIGURE, ROBUSTNESS_FILE
-from serving.decision import CLASS_NAMES
-from serving.orientation import ORIENTATIONS, UPRIGHT, orient
-from serving.runtime import Prediction, Predictor, ServingArtefact
+from scoring.decision import CLASS_NAMES
+from scoring.orientation import ORIENTATIONS, UPRIGHT, orient
+from scoring.runtime import Prediction, Predictor, ServingArtefact
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from serving.decision import Decision
-from serving.orientation import ORIENTATIONS
+from scoring.decision import Decision
+from scoring.orientation import ORIENTATIONS
 
 DATA_SOURCE = (
     "Kermany D., Zhang K., Goldbaum M. (2018), *Labeled Optical Coherence Tomography (OCT) and Chest X-Ray "

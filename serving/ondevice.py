@@ -3,11 +3,11 @@
 The app gets a second page, "On this device" (`add_page`), beside the server page. Its script (the ES
 modules in `serving/web/`) fetches three things from this server, once per page load, and nothing else:
 
-- `/ondevice/config.json`: the decision metadata, read from the served artefact through `serving.decision`
+- `/ondevice/config.json`: the decision metadata, read from the served artefact through `scoring.decision`
   (threshold, input size, crop, class names, the out-of-distribution limit, triage band, subtype threshold,
-  orientation confidence), plus the limits and plausibility checks of `serving.pixels` / `serving.checks`,
+  orientation confidence), plus the limits and plausibility checks of `scoring.pixels` / `scoring.checks`,
   the overlay palette of `serving.overlay` and the words the server uses (`words`: orientation names from
-  `serving.orientation`, the refusals of `serving.decision`), so the page decides exactly as the server does;
+  `scoring.orientation`, the refusals of `scoring.decision`), so the page decides exactly as the server does;
 - `/ondevice/model.onnx`: the bytes of the ONNX serving artefact the server itself loaded;
 - `/ondevice/<asset>`: one of a fixed list of files: the page's modules, and ONNX Runtime Web's module and
   WebAssembly binary and dicom-parser, copied from npm into `serving/web/vendor/` by `make web` (no CDN).
@@ -38,9 +38,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from serving import checks, overlay, pixels
-from serving.card import NOT_A_DEVICE
-from serving.decision import (
+from scoring import checks, pixels
+from scoring.decision import (
     CAM_OUTPUT,
     INPUT_NAME,
     OOD_OUTPUT,
@@ -51,8 +50,10 @@ from serving.decision import (
     VIRAL_OUTPUT,
     Decision,
 )
-from serving.orientation import ORIENTATIONS, UPRIGHT
-from serving.runtime import UPRIGHT_NOTE
+from scoring.orientation import ORIENTATIONS, UPRIGHT
+from scoring.runtime import UPRIGHT_NOTE
+from serving import overlay
+from serving.card import NOT_A_DEVICE
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
 
 The multipart field `files` carries 1 to `max_files` X-rays. The answer is JSON: the model (name, version,
 threshold) and one result per file, in order, with the uploaded file's `name` and the fields the predict CLI
-writes (`serving.runtime.RECORD_FIELDS`); a file the checks refuse gets its error in its row. Refusals of the
+writes (`scoring.runtime.RECORD_FIELDS`); a file the checks refuse gets its error in its row. Refusals of the
 whole request carry `{"detail": "<one-line reason>"}`: 400 (no files, not multipart), 413 (too many files, a
 file over the limit, a body over the limit of all files together), 503 (no model).
 
@@ -36,8 +36,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from serving import pixels
-from serving.runtime import BATCH_SIZE, RECORD_FIELDS, RECORD_TYPES, Prediction
+from scoring import pixels
+from scoring.runtime import BATCH_SIZE, RECORD_FIELDS, RECORD_TYPES, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Limits:
 
     @classmethod
     def of_app(cls, max_files: int, app_max_file_bytes: int) -> Limits:
-        """The app's own limits, within what the decoder accepts at all (`serving.pixels.MAX_FILE_BYTES`)."""
+        """The app's own limits, within what the decoder accepts at all (`scoring.pixels.MAX_FILE_BYTES`)."""
         return cls(max_files, min(app_max_file_bytes, pixels.MAX_FILE_BYTES))
 
     @property
@@ -85,21 +85,17 @@ class Limits:
         return self.max_files * (self.max_file_bytes + PART_OVERHEAD_BYTES)
 
     def too_large(self, name: str) -> str:
-        return f"file {name!r} is larger than {_megabytes(self.max_file_bytes)}, the limit per file"
+        return f"file {name!r} is larger than {pixels.megabytes(self.max_file_bytes)}, the limit per file"
 
     def too_many(self, count: int) -> str:
         return f"at most {self.max_files} files per request; got {count}"
 
     def body_too_large(self) -> str:
-        return (f"the request body is larger than {_megabytes(self.max_body_bytes)}: at most {self.max_files} "
-                f"files of {_megabytes(self.max_file_bytes)}")
+        return (f"the request body is larger than {pixels.megabytes(self.max_body_bytes)}: at most {self.max_files} "
+                f"files of {pixels.megabytes(self.max_file_bytes)}")
 
     def no_files(self) -> str:
         return f"no files: send 1 to {self.max_files} X-rays in the multipart field {FIELD!r}"
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.4g} MB"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,14 +342,14 @@ def _openapi_request(limits: Limits) -> dict[str, Any]:
     upload = {"type": "array", "minItems": 1, "maxItems": limits.max_files,
               "items": {"type": "string", "format": "binary"},
               "description": f"1 to {limits.max_files} X-rays (PNG, JPEG or DICOM), at most "
-                             f"{_megabytes(limits.max_file_bytes)} each"}
+                             f"{pixels.megabytes(limits.max_file_bytes)} each"}
     schema = {"type": "object", "required": [FIELD], "properties": {FIELD: upload}}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 def routes(service: Any, max_file_bytes: int, max_files: int) -> list[APIRoute]:
     """The REST route around the app's model service, with the app's limits (`max_file_bytes` per file,
-    within `serving.pixels.MAX_FILE_BYTES`; `max_files` per request)."""
+    within `scoring.pixels.MAX_FILE_BYTES`; `max_files` per request)."""
     limits = Limits.of_app(max_files, max_file_bytes)
     refusals = {400: "No files, or not a multipart body", 413: "Too many files, or a file too large",
                 503: "No model is loaded"}

@@ -96,7 +96,7 @@ def write_tiny_bundle(folder: Path, threshold: float = 0.5, orientation: int | N
     """An exported model folder (as `python -m pipeline.export` writes) around an untrained tiny CNN."""
     from pipeline.artefact import build
     from pipeline.export import write_bundle
-    from serving.decision import Decision
+    from scoring.decision import Decision
 
     model = tiny_keras_model(orientation=orientation)
     values = {"threshold": threshold, "threshold_rule": "youden", "input_size": 64, "model_name": "tiny-test-model",
@@ -147,7 +147,7 @@ def client_for(url: str):
 # Temporary copies of the project, for tests that run the real stages
 
 
-COPIED = ["pipeline", "serving", "examples", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml",
+COPIED = ["pipeline", "scoring", "serving", "examples", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "pyproject.toml",
           "data/sources/README.md"]
 
 

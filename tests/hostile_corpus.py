@@ -2,8 +2,8 @@
 
 `build_corpus(folder)` writes the files into `folder` and returns one `Case` per file: "prediction"
 (scored, a probability in [0, 1]) or "error" (refused, with a fragment its message must contain).
-Every surface (the app, the predict CLI, the MLflow model) shares one path, `serving.runtime.Predictor`:
-the decoder (`serving.imaging`), then the plausibility checks (`serving.checks`: elongated, uniform,
+Every surface (the app, the predict CLI, the MLflow model) shares one path, `scoring.runtime.Predictor`:
+the decoder (`scoring.imaging`), then the plausibility checks (`scoring.checks`: elongated, uniform,
 coloured images are not scored), so every case expects the same outcome everywhere. `Case.by_checks`
 marks the files that decode but are refused by those checks.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from serving.imaging import MAX_FILE_BYTES
+from scoring.imaging import MAX_FILE_BYTES
 from tests import image_factory as factory
 
 PREDICTION, ERROR = "prediction", "error"
@@ -57,7 +57,7 @@ class Case:
     path: Path
     outcome: str  # PREDICTION or ERROR, on every surface
     message: str = ""  # for errors: a fragment of the message, compared case-insensitively
-    by_checks: bool = False  # decodes, but refused by serving.checks' plausibility checks
+    by_checks: bool = False  # decodes, but refused by scoring.checks' plausibility checks
     what: str = ""
 
     @property
@@ -148,7 +148,7 @@ def _hostile_bytes(xray: np.ndarray) -> dict[str, tuple[bytes, str, str, bool]]:
     palette = Image.fromarray(xray).convert("P")
     e = ERROR
     p = PREDICTION
-    checked = True  # decodes, then refused by serving.checks
+    checked = True  # decodes, then refused by scoring.checks
     return {
         # Not images at all, or broken ones
         "empty.png": (b"", e, "empty file", False),

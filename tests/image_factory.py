@@ -1,4 +1,4 @@
-"""Builds test inputs for serving.imaging and serving.dicom in code, so no binary test images are committed."""
+"""Builds test inputs for scoring.imaging and scoring.dicom in code, so no binary test images are committed."""
 
 from __future__ import annotations
 

@@ -23,12 +23,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving import checks
+from scoring import checks
+from scoring.decision import CLASS_NAMES
+from scoring.imaging import decode_greyscale
+from scoring.pixels import MAX_FILE_BYTES
+from scoring.store import ARTEFACT_NAME, ModelUnavailableError
 from serving.card import NOT_A_DEVICE
-from serving.decision import CLASS_NAMES
-from serving.imaging import decode_greyscale
 from serving.overlay import heatmap, overlay
-from serving.store import ARTEFACT_FILE, ModelUnavailableError
 from tests import image_factory as factory
 from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, client_for, launched, write
 
@@ -192,7 +193,7 @@ def bad_files(folder: Path) -> dict[str, tuple[str, str]]:
     return {name: (write(folder, name, data), fragment) for name, (data, fragment) in files.items()}
 
 
-IMPLAUSIBLE = ("colour-photo.png", "strip.png", "flat.png")  # decode fine, refused by serving.checks
+IMPLAUSIBLE = ("colour-photo.png", "strip.png", "flat.png")  # decode fine, refused by scoring.checks
 
 
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")  # fake.dcm
@@ -221,11 +222,11 @@ def test_plausibility_refusals_come_from_serving_checks(app_module, service, tmp
         expected = checks.implausibility(data, decode_greyscale(data))
         assert expected and expected.startswith("not scored:")
         assert results[name][2] == expected
-    # The app has no checks of its own: without serving.checks' verdict the same files are scored.
+    # The app has no checks of its own: without scoring.checks' verdict the same files are scored.
     monkeypatch.setattr(checks, "implausibility", lambda data, grey: None)
     unchecked = rows(app_module.predict_files(paths, service))
     assert all(0.0 <= probability <= 1.0 and note == "" for probability, _, note in unchecked.values())
-    # The page states the checks as serving.checks applies them.
+    # The page states the checks as scoring.checks applies them.
     assert checks.CHECKS_TEXT in app_module.CHECKS_MARKDOWN
     assert f"above {checks.COLOUR_SPREAD_LIMIT:.0f} of 255" in checks.CHECKS_TEXT
     assert f"over {checks.MAX_ASPECT:.0f} times the other" in checks.CHECKS_TEXT
@@ -409,7 +410,7 @@ def test_concurrent_first_requests_load_the_model_once(app_module, tiny_bundle, 
 def test_unreadable_model_file_becomes_a_message_not_a_crash(app_module, tmp_path):
     folder = tmp_path / "broken"
     folder.mkdir()
-    (folder / ARTEFACT_FILE).write_bytes(b"not an ONNX model")
+    (folder / ARTEFACT_NAME).write_bytes(b"not an ONNX model")
     service = app_module.ModelService(str(folder)).load()
     assert not service.ready and str(folder) in service.problem
     assert "corrupt" in service.problem and "make repro" in service.problem
@@ -418,7 +419,7 @@ def test_unreadable_model_file_becomes_a_message_not_a_crash(app_module, tmp_pat
     assert "No model is loaded" in app_module.model_panel(service)
     # A folder with no artefact at all says so.
     empty = app_module.ModelService(str(tmp_path)).load()
-    assert not empty.ready and ARTEFACT_FILE in empty.problem
+    assert not empty.ready and ARTEFACT_NAME in empty.problem
 
 
 @pytest.fixture(scope="module")
@@ -499,10 +500,13 @@ def test_parse_args_defaults_and_environment(app_module, monkeypatch, tmp_path):
     monkeypatch.setattr(app_module, "SHIPPED_MODEL_DIR", tmp_path / "model")
     defaults = app_module.parse_args([])
     assert (defaults.host, defaults.port, defaults.share, defaults.model_uri, defaults.max_file_mb) == (
-        "127.0.0.1", 7860, False, None, 20)
+        "127.0.0.1", 7860, False, None, 50)
+    assert defaults.max_file_mb * 1e6 == MAX_FILE_BYTES  # the one limit of every client
+    with pytest.raises(SystemExit):  # a deployment may lower the limit, never raise it
+        app_module.parse_args(["--max-file-mb", "60"])
     # A model exported beside the app (as on a Space) is the default when there is one.
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / ARTEFACT_FILE).write_bytes(b"")
+    (tmp_path / "model" / ARTEFACT_NAME).write_bytes(b"")
     assert app_module.parse_args([]).model_uri == str(tmp_path / "model")
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "9000")

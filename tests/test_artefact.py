@@ -10,7 +10,7 @@ import pytest
 from pipeline.artefact import ArtefactError, build
 from pipeline.gradcam import GradCam
 from pipeline.model import OUTPUT_NAME
-from serving.decision import (
+from scoring.decision import (
     CAM_OUTPUT,
     METADATA_KEY,
     ORIENTATION_OUTPUT,
@@ -21,8 +21,8 @@ from serving.decision import (
     read,
     write,
 )
-from serving.imaging import decode_greyscale, read_bytes, resize_grey
-from serving.runtime import ArtefactLoadError, ServingArtefact
+from scoring.imaging import decode_greyscale, read_bytes, resize_grey
+from scoring.runtime import ArtefactLoadError, ServingArtefact
 from tests.helpers import FIXTURE_DATASET, KERAS_SAVE_WARNING, tiny_keras_model
 
 pytestmark = pytest.mark.filterwarnings(KERAS_SAVE_WARNING)

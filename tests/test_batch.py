@@ -2,7 +2,7 @@
 
 The Spark tests run Spark in local mode on a registered model: the project's pyfunc around a tiny
 untrained artefact, registered with its `production` alias in a throwaway SQLite store. Spark must say what
-the predict path (`serving.runtime.Predictor`) says for every file, turn bad files into error rows, and
+the predict path (`scoring.runtime.Predictor`) says for every file, turn bad files into error rows, and
 never fail the job for them.
 """
 
@@ -25,7 +25,7 @@ COLUMNS = ["path", "probability_pneumonia", "label", "error", "triage", "subtype
 REGISTER = """
 import mlflow
 from pipeline.register import log_serving_model
-from serving.locations import configure_tracking, production_uri
+from scoring.locations import configure_tracking, production_uri
 configure_tracking()
 experiment = mlflow.create_experiment("batch-tests", artifact_location={artifacts!r})
 with mlflow.start_run(experiment_id=experiment) as active:
@@ -49,7 +49,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> d
     # log_serving_model names the pyfunc's code and example relative to a checkout: a clean one (no
     # git-ignored files, which would be logged with the code).
     checkout = scratch / "checkout"
-    shutil.copytree(PROJECT / "serving", checkout / "serving",
+    shutil.copytree(PROJECT / "scoring", checkout / "scoring",
                     ignore=shutil.ignore_patterns("__pycache__", "node_modules", "vendor"))
     shutil.copytree(PROJECT / "examples", checkout / "examples")
     env = project_env(MLFLOW_TRACKING_URI=f"sqlite:///{scratch / 'mlflow.db'}",
@@ -116,8 +116,8 @@ def test_spark_scores_a_folder_as_the_predict_path_does_and_bad_files_become_err
     assert "50 MB" in table.set_index("name").loc["huge.png", "error"]
 
     # The same files through the predict path itself: the same probabilities, labels and refusals.
-    from serving.runtime import Predictor
-    from serving.store import load_artefact
+    from scoring.runtime import Predictor
+    from scoring.store import load_artefact
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", registered["MLFLOW_TRACKING_URI"])

@@ -11,7 +11,7 @@ import pytest
 from pipeline.arrays import BACTERIAL, NO_SUBTYPE, VIRAL, Split
 from pipeline.evaluate import cross_fitted, cross_fitted_viral, evaluate, fit_decision, headline
 from pipeline.params import ParamsError
-from serving.runtime import Scores
+from scoring.runtime import Scores
 from tests.helpers import project_params
 
 FOLDS = 4

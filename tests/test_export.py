@@ -14,11 +14,19 @@ import pandas as pd
 import pytest
 
 from pipeline.export import CARD_FILE, main
-from serving import decision as decisions
+from scoring import decision as decisions
+from scoring.decision import Decision
+from scoring.runtime import Predictor, ServingArtefact
+from scoring.store import (
+    ARTEFACT_NAME,
+    MODEL_NAME,
+    PRODUCTION_ALIAS,
+    ModelUnavailableError,
+    PendingArtefact,
+    artefact_path,
+    load_artefact,
+)
 from serving.card import card_markdown
-from serving.decision import Decision
-from serving.runtime import Predictor, ServingArtefact
-from serving.store import ARTEFACT_FILE, MODEL_NAME, PRODUCTION_ALIAS, artefact_path, load_artefact
 from tests import image_factory as factory
 from tests.helpers import KERAS_SAVE_WARNING, PROJECT
 
@@ -41,14 +49,14 @@ def register_pyfunc(artefact: bytes, folder: Path) -> str:
     import mlflow
 
     from pipeline.registry import ensure_experiment
-    from serving.pyfunc import ARTEFACT_KEY, SIGNATURE
+    from scoring.pyfunc import ARTEFACT_KEY, SIGNATURE
 
-    path = folder / ARTEFACT_FILE
+    path = folder / ARTEFACT_NAME
     path.write_bytes(artefact)
     with mlflow.start_run(experiment_id=ensure_experiment()):
         info = mlflow.pyfunc.log_model(
-            name="serving-model", python_model=str(PROJECT / "serving" / "pyfunc_model.py"),
-            artifacts={ARTEFACT_KEY: str(path)}, code_paths=[str(PROJECT / "serving")], signature=SIGNATURE,
+            name="serving-model", python_model=str(PROJECT / "scoring" / "pyfunc_model.py"),
+            artifacts={ARTEFACT_KEY: str(path)}, code_paths=[str(PROJECT / "scoring")], signature=SIGNATURE,
             pip_requirements=["onnxruntime"])  # given, not inferred (inference runs the model: slow)
     return mlflow.register_model(info.model_uri, MODEL_NAME).version
 
@@ -89,10 +97,10 @@ def error_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def restamped(bundle: Path, folder: Path, **changes) -> Path:
     """A copy of an exported folder whose artefact carries a changed decision (no TensorFlow needed)."""
-    artefact = ServingArtefact.from_file(bundle / ARTEFACT_FILE)
-    changed = decisions.write((bundle / ARTEFACT_FILE).read_bytes(), replace(artefact.decision, **changes))
+    artefact = ServingArtefact.from_file(bundle / ARTEFACT_NAME)
+    changed = decisions.write((bundle / ARTEFACT_NAME).read_bytes(), replace(artefact.decision, **changes))
     folder.mkdir()
-    (folder / ARTEFACT_FILE).write_bytes(changed)
+    (folder / ARTEFACT_NAME).write_bytes(changed)
     return folder
 
 
@@ -105,8 +113,8 @@ def test_export_and_re_export_a_folder(tiny_bundle, tmp_path, probes):
     assert main([str(first), "--model-uri", str(tiny_bundle)]) == 0
     assert main([str(second), "--model-uri", str(first)]) == 0
     for dest in (first, second):
-        assert sorted(p.name for p in dest.iterdir()) == sorted([ARTEFACT_FILE, CARD_FILE])
-        assert (dest / ARTEFACT_FILE).read_bytes() == (tiny_bundle / ARTEFACT_FILE).read_bytes()
+        assert sorted(p.name for p in dest.iterdir()) == sorted([ARTEFACT_NAME, CARD_FILE])
+        assert (dest / ARTEFACT_NAME).read_bytes() == (tiny_bundle / ARTEFACT_NAME).read_bytes()
         assert not Path(f"{dest}.partial").exists()
     assert (second / CARD_FILE).read_text() == (first / CARD_FILE).read_text()
     card_text = (second / CARD_FILE).read_text()
@@ -120,18 +128,18 @@ def test_export_and_re_export_a_folder(tiny_bundle, tmp_path, probes):
 def test_existing_destinations(tmp_path, caplog, tiny_bundle):
     dest = tmp_path / "bundle"
     assert main([str(dest), "--model-uri", str(tiny_bundle)]) == 0
-    before = (dest / ARTEFACT_FILE).read_bytes()
+    before = (dest / ARTEFACT_NAME).read_bytes()
     newer = restamped(tiny_bundle, tmp_path / "newer", threshold=0.42, model_version="8")
     with caplog.at_level(logging.ERROR):
         assert main([str(dest), "--model-uri", str(newer)]) == 2
     assert "--force" in caplog.text and len(error_lines(caplog)) == 1
-    assert (dest / ARTEFACT_FILE).read_bytes() == before
+    assert (dest / ARTEFACT_NAME).read_bytes() == before
     # --force replaces the earlier export, artefact and card together.
     assert main([str(dest), "--force", "--model-uri", str(newer)]) == 0
-    assert (dest / ARTEFACT_FILE).read_bytes() == (newer / ARTEFACT_FILE).read_bytes() != before
+    assert (dest / ARTEFACT_NAME).read_bytes() == (newer / ARTEFACT_NAME).read_bytes() != before
     card_text = (dest / CARD_FILE).read_text()
     assert "tiny-test-model version 8" in card_text and "0.4200" in card_text
-    assert sorted(p.name for p in dest.iterdir()) == sorted([ARTEFACT_FILE, CARD_FILE])
+    assert sorted(p.name for p in dest.iterdir()) == sorted([ARTEFACT_NAME, CARD_FILE])
     assert not (tmp_path / "bundle.partial").exists()
 
     other = tmp_path / "someone-elses-folder"
@@ -153,15 +161,15 @@ def test_existing_destinations(tmp_path, caplog, tiny_bundle):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main([str(empty), "--model-uri", str(tiny_bundle)]) == 0 and (empty / ARTEFACT_FILE).is_file()
+    assert main([str(empty), "--model-uri", str(tiny_bundle)]) == 0 and (empty / ARTEFACT_NAME).is_file()
 
 
 def test_missing_or_corrupt_source_exits_2_with_one_line(tmp_path, caplog, tiny_bundle):
     dest = tmp_path / "exported"
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    data = (tiny_bundle / ARTEFACT_FILE).read_bytes()
-    (corrupt / ARTEFACT_FILE).write_bytes(data[: len(data) // 2])
+    data = (tiny_bundle / ARTEFACT_NAME).read_bytes()
+    (corrupt / ARTEFACT_NAME).write_bytes(data[: len(data) // 2])
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
     for source, fragment in ((tmp_path / "missing-folder", "missing-folder"), (corrupt, "missing or corrupt"),
@@ -194,12 +202,12 @@ def test_export_production_model(store, tmp_path, probes):
 
     dest = tmp_path / "exported"
     assert main([str(dest)]) == 0  # no --model-uri: the production alias
-    assert sorted(p.name for p in dest.iterdir()) == sorted([ARTEFACT_FILE, CARD_FILE])
+    assert sorted(p.name for p in dest.iterdir()) == sorted([ARTEFACT_NAME, CARD_FILE])
     assert not (tmp_path / "exported.partial").exists()
 
     # The registered artefact itself, byte for byte: no TensorFlow, no re-conversion on the way.
-    assert (dest / ARTEFACT_FILE).read_bytes() == artefact_path(store["uri"]).read_bytes()
-    exported = ServingArtefact.from_file(dest / ARTEFACT_FILE)
+    assert (dest / ARTEFACT_NAME).read_bytes() == artefact_path(store["uri"]).read_bytes()
+    exported = ServingArtefact.from_file(dest / ARTEFACT_NAME)
     assert exported.decision.threshold == pytest.approx(THRESHOLD)
     assert exported.input_size == 64
     assert (exported.decision.model_name, exported.decision.model_version) == (MODEL_NAME, store["version"])
@@ -229,7 +237,7 @@ def test_export_production_model(store, tmp_path, probes):
 def test_export_a_registered_version(store, tmp_path, probes):
     dest = tmp_path / "v1"
     assert main([str(dest), "--model-uri", store["uri"]]) == 0
-    assert (dest / ARTEFACT_FILE).read_bytes() == artefact_path(store["uri"]).read_bytes()
+    assert (dest / ARTEFACT_NAME).read_bytes() == artefact_path(store["uri"]).read_bytes()
     np.testing.assert_array_equal(load_artefact(str(dest)).probabilities(probes),
                                   load_artefact(store["uri"]).probabilities(probes))
 
@@ -256,3 +264,23 @@ def test_no_production_model_exits_2_with_one_clear_line(store, tmp_path, monkey
     assert f"no model at models:/{MODEL_NAME}@{PRODUCTION_ALIAS}" in errors[0]
     assert "make repro" in errors[0]
     assert not dest.exists() and not Path(f"{dest}.partial").exists()
+
+
+@pytest.mark.slow
+def test_a_helper_process_resolves_a_registry_model_as_load_artefact_does(store, probes, monkeypatch):
+    """The app resolves `models:/` URIs in a helper process (`PendingArtefact`): same model, same refusals,
+    and its download folder is gone once the model is loaded."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["tracking_uri"])
+    assert PendingArtefact.start(str(store["db"].parent)) is None  # a local path opens quickly in-process
+    pending = PendingArtefact.start(store["uri"])
+    scratch = pending._scratch
+    model = pending.load()
+    assert not scratch.exists()
+    np.testing.assert_array_equal(model.probabilities(probes), load_artefact(store["uri"]).probabilities(probes))
+    assert (model.decision.model_name, model.decision.model_version) == (MODEL_NAME, store["version"])
+    for missing in (f"models:/{MODEL_NAME}/99", f"models:/{MODEL_NAME}@nothing"):
+        with pytest.raises(ModelUnavailableError) as in_process:
+            load_artefact(missing)
+        with pytest.raises(ModelUnavailableError) as helper:
+            PendingArtefact.start(missing).load()
+        assert str(helper.value) == str(in_process.value)

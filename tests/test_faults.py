@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from pipeline.download import cache_file_name
-from serving.locations import MODEL_NAME, PRODUCTION_ALIAS
-from serving.store import ModelUnavailableError
+from scoring.locations import MODEL_NAME, PRODUCTION_ALIAS
+from scoring.store import ModelUnavailableError
 from tests.helpers import (
     PROJECT,
     create_project,
@@ -286,13 +286,13 @@ def register_tiny_pyfunc(store: Path) -> None:
     import mlflow
 
     from pipeline.registry import ensure_experiment
-    from serving.pyfunc import ARTEFACT_KEY, SIGNATURE
+    from scoring.pyfunc import ARTEFACT_KEY, SIGNATURE
 
     bundle = write_tiny_bundle(store.parent / "source", model_name=MODEL_NAME, model_version="1")
     with mlflow.start_run(experiment_id=ensure_experiment()):
         info = mlflow.pyfunc.log_model(
-            name="serving-model", python_model=str(PROJECT / "serving" / "pyfunc_model.py"),
-            artifacts={ARTEFACT_KEY: str(bundle / "model.onnx")}, code_paths=[str(PROJECT / "serving")],
+            name="serving-model", python_model=str(PROJECT / "scoring" / "pyfunc_model.py"),
+            artifacts={ARTEFACT_KEY: str(bundle / "model.onnx")}, code_paths=[str(PROJECT / "scoring")],
             signature=SIGNATURE, pip_requirements=["onnxruntime"])  # given: inferring them is slow
     version = mlflow.register_model(info.model_uri, MODEL_NAME)
     mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, PRODUCTION_ALIAS, version.version)
@@ -308,7 +308,7 @@ def broken_store(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     called in the error message)."""
     import mlflow
 
-    from serving.store import artefact_path
+    from scoring.store import artefact_path
 
     store = tmp_path / "store"
     store.mkdir()

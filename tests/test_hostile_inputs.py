@@ -1,5 +1,5 @@
 """Every input of the hostile corpus (tests/hostile_corpus.py) gets its expected outcome, quickly, on every
-surface: the app's prediction function, the shared `serving.runtime.Predictor`, the launched app over HTTP
+surface: the app's prediction function, the shared `scoring.runtime.Predictor`, the launched app over HTTP
 (gradio_client), and the batch predict CLI in a subprocess. Plus a bounded fuzz of the app's function on
 mutated real X-rays.
 
@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serving import checks
-from serving.decision import CLASS_NAMES
-from serving.imaging import MAX_FILE_BYTES, ImageDecodeError, decode_greyscale, read_bytes
+from scoring import checks
+from scoring.decision import CLASS_NAMES
+from scoring.imaging import MAX_FILE_BYTES, ImageDecodeError, decode_greyscale, read_bytes
 from tests import image_factory as factory
 from tests.helpers import KERAS_SAVE_WARNING, PROJECT, client_for, launched
 from tests.hostile_corpus import ERROR, PREDICTION, Case, build_corpus, fixture_xray
@@ -83,8 +83,8 @@ def test_corpus_is_large_and_varied(corpus):
 
 
 def test_refusals_come_from_the_decoder_or_from_serving_checks(corpus):
-    """Each refusal has one owner: the decoder (serving.imaging) for what is not a usable image, the
-    plausibility checks (serving.checks) for images that are implausible as chest X-rays."""
+    """Each refusal has one owner: the decoder (scoring.imaging) for what is not a usable image, the
+    plausibility checks (scoring.checks) for images that are implausible as chest X-rays."""
     failures = []
     for case in corpus:
         try:
@@ -97,9 +97,9 @@ def test_refusals_come_from_the_decoder_or_from_serving_checks(corpus):
         problem = checks.implausibility(data, grey)
         if case.by_checks:
             if not problem or case.message.lower() not in problem.lower():
-                failures.append(f"{case.name}: decoded, but serving.checks said {problem!r}")
+                failures.append(f"{case.name}: decoded, but scoring.checks said {problem!r}")
         elif case.outcome == ERROR or problem is not None:
-            failures.append(f"{case.name}: decoded, and serving.checks said {problem!r}")
+            failures.append(f"{case.name}: decoded, and scoring.checks said {problem!r}")
     _report(failures)
 
 
@@ -116,7 +116,7 @@ def test_message_just_over_the_cap_shows_two_different_sizes(tmp_path):
 
 def test_undecodable_compressed_dicom_logs_no_traceback(corpus, caplog):
     # pydicom logs each failing decoder plugin with LOGGER.exception: a traceback in the app's and the
-    # CLI's logs for a bad upload, until the DICOM decoder (now serving.dicom) filtered it out.
+    # CLI's logs for a bad upload, until the DICOM decoder (now scoring.dicom) filtered it out.
     case = next(case for case in corpus if case.name == "jpeg2000-compressed.dcm")
     with caplog.at_level("DEBUG"), pytest.raises(ImageDecodeError, match="cannot be decoded"):
         decode_greyscale(case.path.read_bytes())

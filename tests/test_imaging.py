@@ -1,4 +1,4 @@
-"""Behaviour tests for the serving preprocessing in serving.imaging, serving.dicom and serving.pixels.
+"""Behaviour tests for the serving preprocessing in scoring.imaging, scoring.dicom and scoring.pixels.
 
 Every input is generated in code (see tests/image_factory.py); real X-ray content comes from the
 committed JPEG fixtures.
@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from serving import dicom, imaging, pixels
-from serving.imaging import (
+from scoring import dicom, imaging, pixels
+from scoring.imaging import (
     MAX_PIXELS,
     ImageDecodeError,
     decode_greyscale,
@@ -623,14 +623,14 @@ def imported_modules(module) -> set[str]:
 
 
 def project_imports(module) -> set[str]:
-    return {name for name in imported_modules(module) if name.split(".")[0] in ("serving", "pipeline", "app")}
+    return {name for name in imported_modules(module) if name.split(".")[0] in ("scoring", "serving", "pipeline", "app")}
 
 
 def test_dicom_imports_only_the_shared_base_not_imaging():
     names = project_imports(dicom)
-    assert not any(name == "serving.imaging" or name.startswith("serving.imaging.") for name in names)
-    assert "serving.pixels" in names
-    assert all(name == "serving.pixels" or name.startswith("serving.pixels.") for name in names), names
+    assert not any(name == "scoring.imaging" or name.startswith("scoring.imaging.") for name in names)
+    assert "scoring.pixels" in names
+    assert all(name == "scoring.pixels" or name.startswith("scoring.pixels.") for name in names), names
 
 
 def test_pixels_imports_no_other_project_module():
@@ -645,10 +645,10 @@ def test_decoders_never_import_pipeline_or_tensorflow(module):
 
 def test_importing_dicom_does_not_load_imaging():
     # The AST check sees direct imports; this one also catches an indirect one.
-    code = "import sys, serving.dicom; print(sorted(m for m in sys.modules if m.startswith(('serving', 'pipeline'))))"
+    code = "import sys, scoring.dicom; print(sorted(m for m in sys.modules if m.startswith(('scoring', 'serving', 'pipeline'))))"
     loaded = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True,
                             timeout=60).stdout.strip()
-    assert loaded == "['serving', 'serving.dicom', 'serving.pixels']"
+    assert loaded == "['scoring', 'scoring.dicom', 'scoring.pixels']"
 
 
 def test_imaging_re_exports_the_shared_names():
@@ -659,7 +659,7 @@ def test_imaging_re_exports_the_shared_names():
 
 
 def test_dicom_errors_are_the_shared_error_type():
-    # Callers catch serving.imaging.ImageDecodeError; a DICOM failure must be that very class.
+    # Callers catch scoring.imaging.ImageDecodeError; a DICOM failure must be that very class.
     with pytest.raises(imaging.ImageDecodeError):
         dicom.decode_dicom(factory.dicom(xray_12_bit(), with_pixels=False))
 

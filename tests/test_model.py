@@ -13,7 +13,7 @@ from pipeline.model import augment, balanced_class_weights, build_model, make_da
 from pipeline.params import AugmentParams
 from pipeline.preprocess import assign_splits, decode_all
 from pipeline.train import fit, history_key, make_deterministic
-from serving import orientation
+from scoring import orientation
 from tests.helpers import FIXTURE_DATASET, tiny_keras_model, train_params
 
 NO_AUGMENT = AugmentParams.none()

@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scoring.decision import Decision
 from serving import ondevice
-from serving.decision import Decision
 from tests import image_factory as factory
 from tests.helpers import CHROMIUM, EXAMPLES, FIXTURE_DATASET, KERAS_SAVE_WARNING, PROJECT, launched, raw_get
 
@@ -109,7 +109,7 @@ RESIZE_SHAPES = [((300, 400), (224, 224)), ((1024, 768), (224, 224)), ((97, 131)
 
 @needs_node
 def test_js_resize_is_pillows_bilinear_resize_bit_for_bit():
-    from serving.imaging import resize_to
+    from scoring.imaging import resize_to
 
     rng = np.random.default_rng(7)
     xray = factory.xray()
@@ -152,7 +152,7 @@ def test_js_rgb_to_grey_is_pillows_convert_l():
 
 @needs_node
 def test_js_stretch_and_number_formats_match_python():
-    from serving.pixels import stretch_to_uint8
+    from scoring.pixels import stretch_to_uint8
 
     values = [0.0, 0.5, 1.5, 2.5, 3.0, 255 / 2, 1000.25, -7.0, 12.0]
     got = run_js("""
@@ -170,7 +170,7 @@ def test_js_stretch_and_number_formats_match_python():
 
 @needs_node
 def test_js_checks_refuse_with_the_servers_messages():
-    from serving import checks
+    from scoring import checks
 
     xray = factory.xray()
     cases = {
@@ -197,7 +197,7 @@ def test_js_checks_refuse_with_the_servers_messages():
 
 @needs_node
 def test_js_colour_statistic_matches_the_servers_on_colour_png():
-    from serving.checks import colour_spread
+    from scoring.checks import colour_spread
 
     rng = np.random.default_rng(2)
     xray = np.asarray(Image.fromarray(factory.xray()).resize((300, 200)), dtype=np.int16)
@@ -237,7 +237,7 @@ def test_js_heatmap_and_overlay_match_serving_overlay():
 
 @needs_node
 def test_js_puts_every_orientation_upright_as_serving_orientation():
-    from serving.orientation import ORIENTATIONS, orient, upright
+    from scoring.orientation import ORIENTATIONS, orient, upright
 
     rng = np.random.default_rng(4)
     image = rng.integers(0, 256, (5, 7), dtype=np.uint8)  # not square: a quarter turn swaps the sides
@@ -258,7 +258,7 @@ def test_js_puts_every_orientation_upright_as_serving_orientation():
 @needs_node
 def test_js_decision_rules_are_serving_decisions():
     """Orientation (sure, unsure, mirrored, ties), label, triage, subtype and the gate, on the same numbers."""
-    from serving.decision import REVIEW, SUBTYPE_NAMES
+    from scoring.decision import REVIEW, SUBTYPE_NAMES
 
     rng = np.random.default_rng(8)
     decisions = [Decision(0.4, "youden", 64, triage={"normal_below": 0.2, "pneumonia_from": 0.7, "rule": "t"},
@@ -351,7 +351,7 @@ def _encapsulated(frame: bytes) -> bytes:
 @needs_node
 @needs_assets
 def test_js_dicom_decoding_matches_the_server():
-    from serving.imaging import ImageDecodeError, decode_greyscale
+    from scoring.imaging import ImageDecodeError, decode_greyscale
 
     cases = dicom_cases()
     got = run_js(DICOM_JS, {name: b64(data) for name, data in cases.items()})
@@ -410,7 +410,7 @@ def _png16(values: np.ndarray, interlaced: bool = False, bits: int = 16) -> byte
 
 @needs_node
 def test_js_decodes_greyscale_png_as_the_server_does():
-    from serving.imaging import decode_greyscale
+    from scoring.imaging import decode_greyscale
 
     xray = np.asarray(Image.fromarray(factory.xray()).resize((77, 61)))
     cases = {
@@ -442,7 +442,7 @@ def test_js_decodes_greyscale_png_as_the_server_does():
 
 @needs_node
 def test_js_applies_exif_orientation_to_greyscale_png_as_pillow():
-    from serving.imaging import decode_greyscale
+    from scoring.imaging import decode_greyscale
 
     pixels = np.asarray(Image.fromarray(factory.xray()).resize((70, 45)))
     files = {}
@@ -468,7 +468,7 @@ def test_js_applies_exif_orientation_to_greyscale_png_as_pillow():
 
 @needs_node
 def test_js_refuses_before_decoding_what_the_server_refuses():
-    from serving.imaging import ImageDecodeError, decode_greyscale
+    from scoring.imaging import ImageDecodeError, decode_greyscale
     from tests.hostile_corpus import _hostile_bytes, fixture_xray
 
     wanted = ["empty.png", "random.png", "truncated.jpeg", "truncated.png", "drawing.svg", "report.pdf",
@@ -512,7 +512,7 @@ def client(service):
 
 @needs_assets
 def test_config_is_the_artefacts_decision_and_the_servers_limits(client, service, tiny_bundle):
-    from serving import checks, pixels
+    from scoring import checks, pixels
 
     response = client.get("/ondevice/config.json")
     assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
@@ -531,7 +531,7 @@ def test_config_is_the_artefacts_decision_and_the_servers_limits(client, service
     assert config["tensors"] == {"input": "pixels", "probability": "probability", "cam": "cam", "ood": "ood_score",
                                  "viral": "probability_viral", "orientation": "orientation"}
     # The words the page shows come from the Python modules, not from its script.
-    from serving.orientation import ORIENTATIONS
+    from scoring.orientation import ORIENTATIONS
 
     words = config["words"]
     assert words["orientations"] == list(ORIENTATIONS) and words["upright"] == 0
@@ -682,9 +682,9 @@ PROBABILITY_FIELDS = ("probability_pneumonia", "probability_viral")
 
 
 def record_mismatches(name: str, device: dict, server) -> tuple[list[str], list[float]]:
-    """How the page's result differs from the server's record (serving.runtime.RECORD_FIELDS): words equal,
+    """How the page's result differs from the server's record (scoring.runtime.RECORD_FIELDS): words equal,
     probabilities within PROBABILITY_TOLERANCE; and the probability differences."""
-    from serving.runtime import RECORD_FIELDS
+    from scoring.runtime import RECORD_FIELDS
 
     want = server.record()
     mismatches, differences = [], []
@@ -734,7 +734,7 @@ def serve_model_to_page(context, bundle: Path):
     app's: one launched app, several models. Returns the server's Predictor for that model."""
     from types import SimpleNamespace
 
-    from serving.runtime import Predictor, ServingArtefact
+    from scoring.runtime import Predictor, ServingArtefact
 
     predictor = Predictor(ServingArtefact.from_file(bundle / "model.onnx"))
     service = SimpleNamespace(ready=True, predictor=predictor, problem=None)
@@ -759,8 +759,8 @@ async ([data, orientation]) => {
 @pytest.fixture(scope="module")
 def turned_fixtures(fixture_images, tmp_path_factory) -> dict[int, list[Path]]:
     """Eight fixture X-rays (both classes) put in each orientation, as PNG: orientation -> files."""
-    from serving.imaging import decode_greyscale
-    from serving.orientation import ORIENTATIONS, orient
+    from scoring.imaging import decode_greyscale
+    from scoring.orientation import ORIENTATIONS, orient
 
     folder = tmp_path_factory.mktemp("turned")
     chosen = fixture_images[::6]
@@ -811,8 +811,8 @@ def test_browser_and_server_agree_on_turned_xrays(browser, app_url, tmp_path, tu
         # The untrained model barely tells images apart, so the probabilities alone would not show a wrong
         # turn or order: the model input of each turned X-ray, put upright then resized, equals the server's.
         if orientation is not None:
-            from serving.imaging import decode_greyscale, resize_grey
-            from serving.orientation import upright
+            from scoring.imaging import decode_greyscale, resize_grey
+            from scoring.orientation import upright
 
             for path in paths[:3]:
                 got = page.evaluate(UPRIGHT_INPUT_JS, [b64(path.read_bytes()), orientation])
@@ -967,7 +967,7 @@ def decoding_cases() -> dict[str, bytes]:
 @needs_chromium
 @needs_assets
 def test_page_prepares_the_model_input_exactly_as_the_server(page):
-    from serving.imaging import decode_greyscale, resize_grey
+    from scoring.imaging import decode_greyscale, resize_grey
 
     size = page.evaluate("window.pneumoniaOnDevice.scorer.decision.input_size")
     different = []

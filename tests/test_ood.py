@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline import artefact, ood
-from serving.decision import Decision
-from serving.runtime import Predictor, ServingArtefact
+from scoring.decision import Decision
+from scoring.runtime import Predictor, ServingArtefact
 from tests import image_factory as factory
 from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, tiny_keras_model
 
@@ -82,7 +82,7 @@ def test_refused_files_get_the_message_and_no_label(model, training_images):
 
 
 def test_outlier_sets_are_built_offline_from_installed_packages(fixture_images):
-    from serving.imaging import decode_greyscale, read_bytes, resize_grey
+    from scoring.imaging import decode_greyscale, read_bytes, resize_grey
 
     val = np.stack([resize_grey(decode_greyscale(read_bytes(path)), 64) for path in fixture_images[:8]])
     first, second = ood.outlier_sets(7, val), ood.outlier_sets(7, val)

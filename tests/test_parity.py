@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from serving.runtime import RECORD_FIELDS
+from scoring.runtime import RECORD_FIELDS
 from tests import image_factory as factory
 from tests.helpers import EXAMPLES, PROJECT, client_for, free_port, launched, run, write, write_tiny_bundle
 
@@ -42,8 +42,8 @@ def store(tmp_path_factory) -> Iterator[str]:
     import mlflow
 
     from pipeline.register import log_serving_model
-    from serving.decision import write as stamp
-    from serving.runtime import ServingArtefact
+    from scoring.decision import write as stamp
+    from scoring.runtime import ServingArtefact
 
     folder = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{(folder / 'mlflow.db').as_posix()}"

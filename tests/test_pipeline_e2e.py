@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from pipeline.robustness import REPORTED
-from serving.runtime import ServingArtefact
+from scoring.runtime import ServingArtefact
 from tests.helpers import (
     FIXTURE_DATASET,
     PROJECT,

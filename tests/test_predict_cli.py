@@ -34,6 +34,6 @@ def test_the_cli_loads_only_serving_code():
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, check=True,
                             timeout=60)
     loaded = json.loads(result.stdout)
-    assert "serving.runtime" in loaded
+    assert "scoring.runtime" in loaded
     assert not {name.split(".")[0] for name in loaded} & {"tensorflow", "keras", "mlflow", "torch"}
     assert [name for name in loaded if name.split(".")[0] == "pipeline"] == ["pipeline", "pipeline.predict"]

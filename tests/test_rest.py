@@ -18,8 +18,10 @@ import gradio as gr
 import httpx
 import pytest
 
-from serving import pixels, rest
-from serving.runtime import RECORD_FIELDS, RECORD_TYPES
+from scoring import pixels
+from scoring.pixels import MAX_FILE_BYTES
+from scoring.runtime import RECORD_FIELDS, RECORD_TYPES
+from serving import rest
 from tests.helpers import EXAMPLES, FIXTURE_DATASET, PROJECT, launched
 
 TOLERANCE = 1e-6
@@ -29,7 +31,7 @@ def serve(service, app_module) -> tuple[gr.Blocks, str]:
     """A Gradio app with the REST route beside it, at the app's own limits."""
     with gr.Blocks() as demo:
         gr.Markdown("REST test")
-    routes = rest.routes(service, app_module.DEFAULT_MAX_FILE_MB * 1_000_000, app_module.MAX_FILES)
+    routes = rest.routes(service, MAX_FILE_BYTES, app_module.MAX_FILES)
     return demo, launched(demo, app_kwargs={"routes": routes})
 
 
@@ -143,7 +145,7 @@ def test_more_files_than_the_app_takes_is_413(api, app_module):
 
 
 def test_a_file_over_the_apps_limit_is_413(api, app_module):
-    limit = app_module.DEFAULT_MAX_FILE_MB * 1_000_000
+    limit = MAX_FILE_BYTES
     files = [*as_uploads(EXAMPLES[:1]), ("files", ("huge.png", b"\0" * (limit + 1)))]
     assert_refused(post(api, files), 413, "'huge.png'", "limit per file")
 

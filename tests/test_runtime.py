@@ -1,4 +1,4 @@
-"""The one prediction path (serving.runtime) and the MLflow pyfunc built on it: order, errors, checks,
+"""The one prediction path (scoring.runtime) and the MLflow pyfunc built on it: order, errors, checks,
 threshold, batching; no TensorFlow needed."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from serving.decision import write
-from serving.pyfunc import INPUT_COLUMN, OUTPUT_COLUMNS, predictions_frame
-from serving.runtime import BATCH_SIZE, Predictor, ServingArtefact
-from serving.store import ModelUnavailableError, artefact_path, load_artefact
+from scoring.decision import write
+from scoring.pyfunc import INPUT_COLUMN, OUTPUT_COLUMNS, predictions_frame
+from scoring.runtime import BATCH_SIZE, Predictor, ServingArtefact
+from scoring.store import ModelUnavailableError, artefact_path, load_artefact
 from tests import image_factory as factory
 
 
@@ -127,7 +127,7 @@ def predictor_sure_of(network, orientation: int | None, **decision) -> Predictor
     """A predictor on `network` whose orientation head says `orientation` of every image (None: unsure)."""
     from pipeline.artefact import build
     from pipeline.model import ORIENTATION_OUTPUT_NAME
-    from serving.decision import Decision
+    from scoring.decision import Decision
 
     head = network.get_layer(ORIENTATION_OUTPUT_NAME)
     kernel, bias = head.get_weights()
@@ -139,8 +139,8 @@ def predictor_sure_of(network, orientation: int | None, **decision) -> Predictor
 
 @pytest.mark.parametrize("orientation", [1, 2, 3, 4, 6])
 def test_a_turned_or_mirrored_xray_is_put_back_upright_scored_and_said_so(network, orientation):
-    from serving.orientation import ORIENTATIONS
-    from serving.orientation import orient as put
+    from scoring.orientation import ORIENTATIONS
+    from scoring.orientation import orient as put
 
     upright_grey = factory.xray()
     turned = factory.png(put(upright_grey, orientation))

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from pipeline.export import CARD_FILE
-from serving.decision import METADATA_KEY
-from serving.store import ARTEFACT_FILE
+from scoring.decision import METADATA_KEY
+from scoring.store import ARTEFACT_NAME
 from tests import image_factory as factory
 from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, PROJECT, free_port, launched, raw_get
 from tests.hostile_corpus import fixture_xray
@@ -144,7 +144,7 @@ def test_only_an_uploads_own_copy_is_readable(live_app, cache_dir, tiny_bundle):
         "/gradio_api/file=params.yaml",
         "/gradio_api/file=app.py",
         "/gradio_api/file=mlflow.db",
-        f"/gradio_api/file={tiny_bundle}/{ARTEFACT_FILE}",
+        f"/gradio_api/file={tiny_bundle}/{ARTEFACT_NAME}",
         f"/gradio_api/file={tiny_bundle}/{CARD_FILE}",
         f"/gradio_api/file={cache_dir}/../secret.txt",
         f"/gradio_api/file={cache_dir}/..%2Fsecret.txt",
@@ -216,8 +216,8 @@ def test_the_served_model_is_an_onnx_graph_of_standard_operators_only(tiny_bundl
     """What the app loads holds no pickle and no custom operator (a native library to load)."""
     import onnx
 
-    assert {path.name for path in tiny_bundle.iterdir()} == {ARTEFACT_FILE, CARD_FILE}
-    model = onnx.load(tiny_bundle / ARTEFACT_FILE)
+    assert {path.name for path in tiny_bundle.iterdir()} == {ARTEFACT_NAME, CARD_FILE}
+    model = onnx.load(tiny_bundle / ARTEFACT_NAME)
     onnx.checker.check_model(model)
     standard = {"", "ai.onnx", "ai.onnx.ml"}  # the ONNX operator sets ONNX Runtime implements itself
     domains = {node.domain for graph in _graphs(model.graph) for node in graph.node}
@@ -248,6 +248,7 @@ def test_no_unsafe_deserialisation_in_the_code():
     """Static check over the pipeline, serving and the app: no pickle, no unsafe YAML, no Keras unsafe mode."""
     problems = []
     sources = [*sorted((PROJECT_ROOT / "pipeline").glob("*.py")), *sorted((PROJECT_ROOT / "serving").glob("*.py")),
+               *sorted((PROJECT_ROOT / "scoring").glob("*.py")),
                PROJECT_ROOT / "app.py"]
     assert len(sources) > 20
     for path in sources:

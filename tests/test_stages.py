@@ -18,7 +18,7 @@ import yaml
 from pipeline import paths
 from tests.helpers import PROJECT
 
-PACKAGES = ("pipeline", "serving")
+PACKAGES = ("pipeline", "scoring", "serving")
 STAGES = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
 
 
@@ -86,11 +86,12 @@ def test_declared_outputs_are_the_paths_module_names():
 
 
 def test_serving_imports_neither_training_code_nor_tensorflow():
-    """app.py and serving/ import nothing from `pipeline`, TensorFlow, Keras or tf2onnx, at module level or
-    inside a function: the serving process runs an ONNX graph only."""
+    """app.py, serving/ and scoring/ import nothing from `pipeline`, TensorFlow, Keras or tf2onnx, at module
+    level or inside a function: the serving process runs an ONNX graph only."""
     forbidden = {"pipeline", "tensorflow", "keras", "tf_keras", "tf2onnx"}
     problems = []
-    for path in [PROJECT / "app.py", *sorted((PROJECT / "serving").glob("*.py"))]:
+    for path in [PROJECT / "app.py", *sorted((PROJECT / "serving").glob("*.py")),
+                 *sorted((PROJECT / "scoring").glob("*.py"))]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 modules = [alias.name for alias in node.names]
@@ -104,7 +105,7 @@ def test_serving_imports_neither_training_code_nor_tensorflow():
 
 
 CLIENT_MODULES = ("app.py", "serving/gradio_workarounds.py", "serving/ondevice.py", "serving/overlay.py",
-                  "serving/rest.py")
+                  "serving/rest.py", "serving/card.py")
 
 
 def _imports_gradio(path: Path) -> bool:
@@ -120,12 +121,24 @@ def test_registration_depends_on_the_scoring_core_only():
     """A fix to the app, its Gradio workarounds or the browser page must not register a new model version:
     none of them, nor anything importing Gradio, is a dependency of the register stage or travels in the
     logged model."""
-    from pipeline.register import serving_modules
+    from pipeline.register import core_modules
 
     deps = [PROJECT / dep for dep in STAGES["register"]["deps"] if dep.endswith(".py")]
-    logged = [PROJECT / module for module in serving_modules(PROJECT / "serving" / "pyfunc_model.py")]
+    logged = [PROJECT / module for module in core_modules(PROJECT / "scoring" / "pyfunc_model.py")]
     for path in {*deps, *logged}:
         relative = path.relative_to(PROJECT).as_posix()
-        assert relative not in CLIENT_MODULES, relative
+        assert relative not in CLIENT_MODULES and not relative.startswith("serving/"), relative
         assert not _imports_gradio(path), f"{relative} imports Gradio or FastAPI"
-    assert {"serving/runtime.py", "serving/pyfunc.py"} <= {p.relative_to(PROJECT).as_posix() for p in logged}
+    assert {"scoring/runtime.py", "scoring/pyfunc.py"} <= {p.relative_to(PROJECT).as_posix() for p in logged}
+    assert all(path.parent.name == "scoring" for path in logged)
+
+
+def test_the_scoring_core_imports_none_of_its_clients():
+    """The core turns bytes into a decision on its own: no module of it imports the pipeline, the serving
+    clients, the app, Gradio, FastAPI or TensorFlow."""
+    forbidden = {"pipeline", "serving", "app", "gradio", "gradio_client", "fastapi", "tensorflow", "keras"}
+    for path in sorted((PROJECT / "scoring").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not forbidden & {name.split(".")[0] for name in names}, f"{path.name} imports {names}"

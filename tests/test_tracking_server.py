@@ -28,7 +28,7 @@ from tests.helpers import EXAMPLES, PROJECT, create_project, free_port, project_
 MODEL_NAME = "pneumonia-cnn"
 EXPERIMENT = "pneumonia-screening"
 SERVER_START_S = 120
-# After the server dies: MLflow's client, bounded by serving/locations.py, gives up in about 3 s per
+# After the server dies: MLflow's client, bounded by scoring/locations.py, gives up in about 3 s per
 # call; a few calls (the failing one, ending the run, MLflow's exit handler) and DVC's own exit.
 BOUNDED_FAILURE_S = 60
 
@@ -258,7 +258,7 @@ HTTP_BOUNDS = ["MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_F
 
 
 def test_an_http_tracking_uri_bounds_mlflows_retries_unless_the_user_set_them(monkeypatch):
-    from serving.locations import HTTP_CLIENT_BOUNDS, bound_http_client
+    from scoring.locations import HTTP_CLIENT_BOUNDS, bound_http_client
 
     for name in HTTP_BOUNDS:
         monkeypatch.delenv(name, raising=False)
@@ -288,7 +288,7 @@ def failed_call(cause: requests.RequestException, url: str = "http://127.0.0.1:5
 def test_a_refused_or_dropped_connection_is_an_unreachable_server_and_other_errors_are_not(monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    from serving.locations import TrackingUnavailableError, unreachable_server
+    from scoring.locations import TrackingUnavailableError, unreachable_server
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     refused = requests.ConnectionError(

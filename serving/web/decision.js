@@ -1,4 +1,4 @@
-// The decision rules of serving/decision.py and serving/orientation.py, for the on-device page and its tests:
+// The decision rules of scoring/decision.py and scoring/orientation.py, for the on-device page and its tests:
 // no DOM, no network, runs in Node too. Every threshold, name and sentence comes from the page's config
 // (config.json: the artefact's decision metadata, and the words serving.ondevice reads from the Python
 // modules); nothing here is retyped from them.
@@ -48,7 +48,7 @@ export function refusal(decision, oodScore, sentence) {
   return oodScore > Number(gate.limit) ? sentence : null;
 }
 
-/** serving.orientation.upright: a greyscale image (row-major, width x height) found in `orientation`
+/** scoring.orientation.upright: a greyscale image (row-major, width x height) found in `orientation`
  * (i >= turns: mirrored first, then turned anticlockwise i % turns quarter turns), put back upright:
  * np.rot90(image, -(i % turns)) and then, when mirrored, image[:, ::-1]. */
 export function upright(grey, width, height, index, turns = 4) {

@@ -1,4 +1,4 @@
-// File bytes -> 8-bit greyscale, in the page, as serving.imaging.decode_greyscale does on the server.
+// File bytes -> 8-bit greyscale, in the page, as scoring.imaging.decode_greyscale does on the server.
 //
 // - DICOM (bytes "DICM" at offset 128, checked first, as on the server): dicom.js.
 // - PNG and JPEG: the browser's own decoders (createImageBitmap, EXIF orientation applied, no colour
@@ -59,7 +59,7 @@ function formatG3(value) {
 
 const thousands = (n) => n.toLocaleString("en-US");
 
-/** serving.imaging._check_size. */
+/** scoring.imaging._check_size. */
 export function checkSize(size, maxBytes) {
   if (size === 0) throw new ImageDecodeError("empty file (0 bytes)");
   if (size > maxBytes) {
@@ -73,7 +73,7 @@ export function checkSize(size, maxBytes) {
   }
 }
 
-/** serving.imaging._check_dimensions; with `opening`, first Pillow's own refusal of a huge header. */
+/** scoring.imaging._check_dimensions; with `opening`, first Pillow's own refusal of a huge header. */
 export function checkDimensions(width, height, limits, opening = false) {
   if (opening && limits.bomb_pixels && width * height > limits.bomb_pixels) {
     throw new ImageDecodeError(`image dimensions are over the ${Math.round(limits.max_pixels / 1e6)} megapixel limit`);

@@ -1,4 +1,4 @@
-// DICOM Part 10 bytes -> 8-bit greyscale, as serving/dicom.py does it with pydicom:
+// DICOM Part 10 bytes -> 8-bit greyscale, as scoring/dicom.py does it with pydicom:
 // modality rescale (slope, intercept), then the VOI window (LINEAR, LINEAR_EXACT or SIGMOID, first
 // window), then min..max stretch to 0..255, then MONOCHROME1 inverted. Uncompressed transfer syntaxes
 // only (implicit or explicit VR, little or big endian); MONOCHROME1, MONOCHROME2 and RGB.

@@ -1,13 +1,13 @@
 // Pixel arithmetic shared by the on-device page and its tests: no DOM, no network, runs in Node too.
 //
 // Every function here reimplements one step of the server's preprocessing bit for bit:
-// - resizeUint8: Pillow's Image.resize(..., BILINEAR) on an "L" image (serving.imaging.resize_to), i.e.
+// - resizeUint8: Pillow's Image.resize(..., BILINEAR) on an "L" image (scoring.imaging.resize_to), i.e.
 //   libImaging/Resample.c: a separable triangle filter whose support grows with the shrink factor
 //   (antialiased), coefficients normalised then rounded to 22-bit fixed point, horizontal pass first.
 // - resizeFloat32: the same filter on an "F" image (serving.overlay.heatmap), in double precision.
 // - rgbaToGrey: Pillow's RGB -> L conversion (ITU-R 601-2 luma, 16-bit fixed point, rounded).
-// - stretchToUint8: serving.pixels.stretch_to_uint8 (min..max to 0..255, NumPy's round half to even).
-// - implausibility: serving.checks.implausibility, with the same messages.
+// - stretchToUint8: scoring.pixels.stretch_to_uint8 (min..max to 0..255, NumPy's round half to even).
+// - implausibility: scoring.checks.implausibility, with the same messages.
 // - heatmap / overlay: serving.overlay.
 
 export class ImageDecodeError extends Error {
@@ -163,7 +163,7 @@ export function rgbaToGrey(rgba) {
   return grey;
 }
 
-/** serving.pixels.stretch_to_uint8: a float array mapped linearly onto 0..255 by its own min and max. */
+/** scoring.pixels.stretch_to_uint8: a float array mapped linearly onto 0..255 by its own min and max. */
 export function stretchToUint8(values) {
   let low = Infinity;
   let high = -Infinity;
@@ -192,7 +192,7 @@ export function standardDeviation(grey) {
   return Math.sqrt(squares / grey.length);
 }
 
-/** The mean over pixels of max - min of R, G, B (serving.checks.colour_spread's statistic). */
+/** The mean over pixels of max - min of R, G, B (scoring.checks.colour_spread's statistic). */
 export function colourSpread(rgba) {
   const count = rgba.length / 4;
   let sum = 0;
@@ -255,7 +255,7 @@ export function formatG(value, precision) {
   return `${strip(mantissa)}e${sign}${String(Math.abs(exponent)).padStart(2, "0")}`;
 }
 
-/** serving.checks.implausibility: why a decoded image is implausible as a chest X-ray, or null. */
+/** scoring.checks.implausibility: why a decoded image is implausible as a chest X-ray, or null. */
 export function implausibility(grey, width, height, spread, checks) {
   if (Math.max(height, width) > checks.max_aspect * Math.min(height, width)) {
     return `not scored: ${width} x ${height} pixels is too elongated for a chest X-ray`;

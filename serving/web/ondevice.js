@@ -92,13 +92,13 @@ class Scorer {
     return scored;
   }
 
-  /** The decoded greyscale image, resized to the model's input and scored (serving.runtime Predictor._score). */
+  /** The decoded greyscale image, resized to the model's input and scored (scoring.runtime Predictor._score). */
   async scoreGrey(grey, width, height) {
     const size = this.decision.input_size;
     return this.run(resizeUint8(grey, width, height, size, size));
   }
 
-  /** One file's bytes -> a result like the server's Prediction (serving.runtime Predictor._predict_chunk):
+  /** One file's bytes -> a result like the server's Prediction (scoring.runtime Predictor._predict_chunk):
    * decode, checks, score; an orientation the model is not sure of is refused (the gate's refusal first);
    * a turned or mirrored X-ray is put back upright (the full decoded image, then resized) and scored again;
    * the gate on the upright scores; label, triage and subtype at the artefact's thresholds. */
@@ -161,7 +161,7 @@ class Scorer {
 }
 
 function publicResult(result) {
-  // What the page keeps and exposes: never the pixels. The fields of serving.runtime.RECORD_FIELDS (raw 0..1
+  // What the page keeps and exposes: never the pixels. The fields of scoring.runtime.RECORD_FIELDS (raw 0..1
   // probabilities), with the file's name, the threshold, the gate's score and the timings.
   const { name, probability, label, threshold, error, ood, timings } = result;
   return { name, probability_pneumonia: probability ?? null, probability: probability ?? null, label, error,

@@ -1,7 +1,7 @@
 """The serving artefact in ONNX Runtime, and the one prediction path every way of serving shares.
 
-`Predictor` turns file bytes into a `Prediction`: decode (`serving.imaging`), refuse what is not
-plausibly a chest X-ray (`serving.checks`), put a turned or mirrored X-ray back upright (the artefact's
+`Predictor` turns file bytes into a `Prediction`: decode (`scoring.imaging`), refuse what is not
+plausibly a chest X-ray (`scoring.checks`), put a turned or mirrored X-ray back upright (the artefact's
 orientation output), score, and label and triage at the artefact's own thresholds. The app,
 the predict CLI, the MLflow pyfunc (and through it `mlflow models serve` and Spark) all call it, so they
 accept, refuse and label the same files the same way. No TensorFlow anywhere on this path.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving import checks
-from serving.decision import (
+from scoring import checks
+from scoring.decision import (
     CAM_OUTPUT,
     INPUT_NAME,
     OOD_OUTPUT,
@@ -27,9 +27,9 @@ from serving.decision import (
     DecisionError,
     read,
 )
-from serving.imaging import ImageDecodeError, decode_greyscale, read_bytes, resize_grey
-from serving.orientation import ORIENTATIONS, UPRIGHT, upright
-from serving.pixels import MAX_FILE_BYTES
+from scoring.imaging import ImageDecodeError, decode_greyscale, read_bytes, resize_grey
+from scoring.orientation import ORIENTATIONS, UPRIGHT, upright
+from scoring.pixels import MAX_FILE_BYTES
 
 BATCH_SIZE = 64
 # One prediction record, in this order, for every client: the predict CLI's columns after `path` (its

@@ -1,6 +1,6 @@
 """What the image decoders share: the error type, the limits, the DICOM marker, bit-depth stretching.
 
-Both `serving.imaging` (PNG/JPEG, and the dispatch) and `serving.dicom` build on this module, so
+Both `scoring.imaging` (PNG/JPEG, and the dispatch) and `scoring.dicom` build on this module, so
 neither imports the other's internals.
 """
 
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-MAX_FILE_BYTES = 50 * 1024 * 1024
+# The one upload limit per file, for every client (app, REST, on-device page, CLI, Spark); a deployment may
+# lower it (`python app.py --max-file-mb`), never raise it. Sizes are in MB (10^6 bytes) everywhere.
+MAX_FILE_BYTES = 50_000_000
 # File name suffixes taken for images when a folder is searched (names without one are tested for the DICOM
 # marker); the decoders go by content, not by name.
 IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "tif", "tiff", "bmp", "gif", "webp", "dcm", "dicom")
@@ -28,6 +30,11 @@ class ImageDecodeError(ValueError):
 def describe(error: BaseException) -> str:
     """An exception's message, or its type where it has none (IndexError() reads as nothing)."""
     return str(error) or type(error).__name__
+
+
+def megabytes(size: int) -> str:
+    """A size as every message gives it: `50 MB`, `27.3 MB`, `0.3 MB`."""
+    return f"{size / 1e6:.3g} MB"
 
 
 def is_dicom(data: bytes) -> bool:

@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from serving.pixels import RASTER_FORMATS, is_dicom
+from scoring.pixels import RASTER_FORMATS, is_dicom
 
 COLOUR_SPREAD_LIMIT = 32.0  # mean of max-min over R, G, B per pixel, on 0..255
 MAX_ASPECT = 3.0

@@ -11,7 +11,7 @@ import logging
 
 import numpy as np
 
-from serving.pixels import DICOM_MAGIC_OFFSET, MAX_PIXELS, ImageDecodeError, describe, stretch_to_uint8
+from scoring.pixels import DICOM_MAGIC_OFFSET, MAX_PIXELS, ImageDecodeError, describe, stretch_to_uint8
 
 COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422")
 # pydicom logs each decoding plugin that fails on a frame as an ERROR with a full traceback, then raises

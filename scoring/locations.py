@@ -1,6 +1,6 @@
 """Where the project and its MLflow store are, and what the production model is called.
 
-Kept apart from `serving.store` (which loads models) so that the training stages can find the store
+Kept apart from `scoring.store` (which loads models) so that the training stages can find the store
 without importing the serving runtime.
 """
 
@@ -143,3 +143,11 @@ def unreachable_server(error: BaseException) -> TrackingUnavailableError | None:
                     "rerun it")
         current = current.__cause__ or current.__context__
     return None
+
+
+def brief(error: BaseException, limit: int | None = 300) -> str:
+    """An error's message on one line (library messages often span several), cut at `limit` if one is given:
+    enough to see a library's cause, short enough to read. Every one-line failure (stages, CLIs, model
+    loading) is written with it."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serving.dicom import decode_dicom
-from serving.pixels import (
+from scoring.dicom import decode_dicom
+from scoring.pixels import (
     DICOM_MAGIC_OFFSET,
     MAX_FILE_BYTES,
     MAX_PIXELS,

@@ -106,7 +106,7 @@ class Decision:
         return REVIEW
 
     def orientation(self, probabilities) -> int | None:
-        """The orientation (index into `serving.orientation.ORIENTATIONS`) the orientation output gives with
+        """The orientation (index into `scoring.orientation.ORIENTATIONS`) the orientation output gives with
         at least `orientation_confidence`, or None when it is not that sure which way up the X-ray is.
 
         The turn must be sure on its own (its probability summed over mirrored and not); mirroring is taken

@@ -2,9 +2,9 @@
 
 Input: a DataFrame with a column `image` holding the raw bytes of image files (PNG, JPEG, DICOM...;
 base64 in the JSON of `mlflow models serve`). Output: one row per image with the prediction record
-(`serving.runtime.RECORD_FIELDS`: probability of pneumonia, label, error, triage, subtype, probability
+(`scoring.runtime.RECORD_FIELDS`: probability of pneumonia, label, error, triage, subtype, probability
 that it is viral, note) and the `threshold`, exactly what the app and the predict CLI say for the same
-file, because all of them run `serving.runtime.Predictor` on the same artefact.
+file, because all of them run `scoring.runtime.Predictor` on the same artefact.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from serving.runtime import RECORD_FIELDS, RECORD_TYPES, Predictor, ServingArtefact
+from scoring.runtime import RECORD_FIELDS, RECORD_TYPES, Predictor, ServingArtefact
 
 ARTEFACT_KEY = "serving_model"
 INPUT_COLUMN = "image"
