@@ -179,17 +179,17 @@ def classify(error: BaseException) -> tuple[str, str]:
 
 
 def answer_problem(answer: Any) -> str | None:
-    """Why a `/predict` answer is not a usable result, or None: the app's five outputs (label, heatmap,
-    table, status, details), a decision in the label and a probability in the structured result."""
+    """Why a `/predict` answer is not a usable result, or None: the app's five outputs (result, heatmap,
+    table, status, details), a result text, and a decision with its probability in the structured result
+    (the prediction record, `scoring.runtime.RECORD_FIELDS`)."""
     if not isinstance(answer, (tuple, list)) or len(answer) != 5:
         return f"expected 5 outputs, got {type(answer).__name__} of {len(answer) if isinstance(answer, (tuple, list)) else 1}"
     details = answer[4] if isinstance(answer[4], dict) else {}
-    if not any(isinstance(row.get("probability"), float) for row in details.get("results", [])):
-        return f"no probability in the structured result: {str(answer[4])[:120]}"
-    label = answer[0]
-    text = label.get("label") if isinstance(label, dict) else None
-    if not isinstance(text, str) or not text.startswith(("NORMAL", "PNEUMONIA")):
-        return f"no decision in the label output: {str(label)[:120]}"
+    if not any(isinstance(row.get("probability_pneumonia"), float) and row.get("label") in ("NORMAL", "PNEUMONIA")
+               for row in details.get("results", [])):
+        return f"no decision in the structured result: {str(answer[4])[:120]}"
+    if not isinstance(answer[0], str) or not answer[0].strip():
+        return f"no result text: {str(answer[0])[:120]}"
     # The heatmap as downloaded by the client: a complete PNG, not a file cut short while it was served.
     heatmap = Path(answer[1]) if isinstance(answer[1], (str, Path)) else None
     data = heatmap.read_bytes() if heatmap is not None and heatmap.is_file() else b""
