@@ -103,8 +103,9 @@ class PendingArtefact:
                 return _open(self.uri, Path(answer["path"]))
             if answer.get("error") == TrackingUnavailableError.__name__:
                 raise TrackingUnavailableError(answer["message"])
+            lines = err.strip().splitlines()  # a crash of the helper itself: its traceback's last line
             raise ModelUnavailableError(answer.get("message") or (
-                f"{self.uri}: the model could not be resolved ({brief(err.strip().splitlines()[-1:] or 'no output')})"))
+                f"{self.uri}: the model could not be resolved ({lines[-1][:300] if lines else 'no output'})"))
         finally:
             shutil.rmtree(self._scratch, ignore_errors=True)
 

@@ -284,3 +284,16 @@ def test_a_helper_process_resolves_a_registry_model_as_load_artefact_does(store,
         with pytest.raises(ModelUnavailableError) as helper:
             PendingArtefact.start(missing).load()
         assert str(helper.value) == str(in_process.value)
+
+
+def test_a_helper_that_crashes_is_a_one_line_model_error(tmp_path):
+    import subprocess
+    import sys
+
+    crash = subprocess.Popen([sys.executable, "-c", "raise RuntimeError('the store exploded')"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(ModelUnavailableError, match=r"could not be resolved \(RuntimeError: the store exploded\)$"):
+        PendingArtefact("models:/m/1", crash, scratch).load()
+    assert not scratch.exists()
