@@ -145,7 +145,7 @@ def register(params: RegisterParams) -> dict[str, Any]:
             client.delete_model_version(MODEL_NAME, version.version)
             raise ModelUnavailableError(f"the registry gave version {version.version}, not {expected}: "
                                         "another registration ran at the same time; run the stage again")
-    promote = previous_score is None or new_score >= round(previous_score, 4)
+    promote = at_least_as_good(new_score, previous_score)
     reason = _reason(promote, f"{split} {metric}", new_score, previous_version, previous_score)
     client.update_model_version(MODEL_NAME, version.version, description=_description(decision, reason))
     client.set_model_version_tag(MODEL_NAME, version.version, "promotion_decision", reason)
@@ -160,6 +160,12 @@ def register(params: RegisterParams) -> dict[str, Any]:
     }
     write_json(REGISTRY_FILE, record)
     return record
+
+
+def at_least_as_good(new: float, production: float | None) -> bool:
+    """Promote when there is no production score, or the new one is at least as high at the 4 decimals
+    both are reported with (the same model scored twice must be promoted, whichever way it rounds)."""
+    return production is None or round(new, 4) >= round(production, 4)
 
 
 def _reason(promote: bool, metric: str, new: float, old_version: str | None, old: float | None) -> str:

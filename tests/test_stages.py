@@ -142,3 +142,11 @@ def test_the_scoring_core_imports_none_of_its_clients():
             names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             assert not forbidden & {name.split(".")[0] for name in names}, f"{path.name} imports {names}"
+
+
+def test_promotion_compares_the_scores_as_reported():
+    from pipeline.register import at_least_as_good
+
+    assert at_least_as_good(0.96849, 0.96851)  # the same model scored twice: both read 0.9685
+    assert at_least_as_good(0.97, None) and at_least_as_good(0.9686, 0.9685)
+    assert not at_least_as_good(0.9684, 0.9685)
