@@ -3,8 +3,9 @@
     python app.py [--model-uri URI] [--host 127.0.0.1] [--port 7860] [--share]
 
 It serves the registered model's ONNX serving artefact (`scoring.runtime`): no TensorFlow, and MLflow
-only to resolve a `models:/` URI (run as a script: in a helper process, while Gradio is imported). Importing this module builds `demo` and nothing else; the model loads
-on first use, or before launch when run as a script. Research demo: not a medical device.
+only to resolve a `models:/` URI (run as a script: in a helper process, while Gradio is imported).
+Importing this module builds `demo` and nothing else; the model loads on first use, or before launch when
+run as a script. Research demo: not a medical device.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import sys
 from pathlib import Path
 
 from scoring.store import PendingArtefact
-from serving import settings
+from serving import settings as command_line
 
 APP_DIR = Path(__file__).parent
 SHIPPED_MODEL_DIR = APP_DIR / "model"
 if __name__ == "__main__":
     # Before Gradio's import (~2 s): a registry model is resolved meanwhile by a helper process on the other
     # core, and MLflow (~1.3 s, ~100 MB to import) never enters this one.
-    SETTINGS = settings.parse_args(sys.argv[1:], SHIPPED_MODEL_DIR, __doc__.split("\n\n")[0])
+    SETTINGS = command_line.parse_args(sys.argv[1:], SHIPPED_MODEL_DIR, __doc__.split("\n\n")[0])
     PREFETCH = PendingArtefact.start(SETTINGS.model_uri)
 
 import argparse
@@ -558,7 +559,7 @@ def _example_label(path: Path) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    return settings.parse_args(argv, SHIPPED_MODEL_DIR, __doc__.split("\n\n")[0])
+    return command_line.parse_args(argv, SHIPPED_MODEL_DIR, __doc__.split("\n\n")[0])
 
 
 def launch(app: gr.Blocks, settings: argparse.Namespace) -> None:
