@@ -37,7 +37,6 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
-import pandas as pd
 
 from scoring.checks import CHECKS_TEXT
 from scoring.decision import REVIEW
@@ -232,9 +231,11 @@ class Outcome:
         index = self.shown if index is None else index
         return "" if index is None else result_markdown(self.results[index], self.threshold)
 
-    def table(self) -> pd.DataFrame:
+    def table(self) -> dict[str, list]:
+        """The table's value as Gradio's plain headers and rows: a pandas DataFrame here allocated its
+        strings in Arrow's memory pool, which kept growing under load (docs/benchmarks.md, "Under load")."""
         rows = [[file_name(r), result_words(r), percent(r.probability), note_words(r)] for r in self.results]
-        return pd.DataFrame(rows, columns=COLUMNS)
+        return {"headers": COLUMNS, "data": rows}
 
 
 def predict_files(paths: list[str] | None, service: ModelService,
@@ -532,6 +533,7 @@ def create_demo(service: ModelService, max_file_bytes: int = MAX_FILE_BYTES) -> 
         demo.load(on_page_load, outputs=[panel, run, no_model], api_visibility="private")
     # The "On this device" page: the same model in the visitor's browser (serving/ondevice.py).
     ondevice.add_page(demo, service, max_file_bytes, max_files=MAX_FILES, overlay_max_side=OVERLAY_MAX_SIDE)
+    workarounds.bound_queue_analytics()
     demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
 

@@ -5,7 +5,8 @@ sample, by source line.
     python benchmarks/gradio_memory.py [--clients 8] [--warmup 200] [--calls 2000] [--every 200]
                                        [--tracemalloc] [--pythonmalloc-malloc]
 
-Starts `python app.py` (the production alias) through a small wrapper that can, on signals, write a
+Resident memory is split into anonymous, file-backed and shared pages, and the mappings that grew most
+(`/proc/PID/smaps`) are listed. Starts `python app.py` (the production alias) through a small wrapper that can, on signals, write a
 tracemalloc snapshot (SIGUSR1) or call glibc's `malloc_trim(0)` and print resident memory before and after
 (SIGUSR2). A diagnostic, not a pass/fail benchmark: docs/benchmarks.md ("Under load") records its output.
 """
@@ -48,6 +49,36 @@ def proc_field(pid: int, name: str) -> int:
     return int(next(line for line in open(f"/proc/{pid}/status") if line.startswith(name)).split()[1])
 
 
+def sample(pid: int) -> dict[str, int]:
+    """Resident memory in MB (all of it, and its anonymous, file-backed and shared parts) and threads."""
+    fields = {"rss": "VmRSS", "anon": "RssAnon", "file": "RssFile", "shmem": "RssShmem"}
+    return {**{key: round(proc_field(pid, name) * 1024 / 1e6) for key, name in fields.items()},
+            "threads": proc_field(pid, "Threads")}
+
+
+def mappings(pid: int) -> dict[str, tuple[int, int]]:
+    """Per mapping of `/proc/PID/smaps`, keyed by its start address and file (anonymous ones have none, and a
+    heap that grows keeps its start): (size, resident) in kB."""
+    regions: dict[str, tuple[int, int]] = {}
+    key = ""
+    for line in open(f"/proc/{pid}/smaps"):
+        first, *rest = line.split()
+        if "-" in first and not first.endswith(":"):
+            key = f"{first.split('-')[0]} {rest[4] if len(rest) > 4 else '[anonymous]'}"
+        elif first in ("Size:", "Rss:"):
+            size, resident = regions.get(key, (0, 0))
+            regions[key] = (size + int(rest[0]), resident) if first == "Size:" else (size, resident + int(rest[0]))
+    return regions
+
+
+def growth(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], top: int = 12) -> list[str]:
+    """The mappings whose resident memory grew most, with their size now."""
+    changes = sorted(((after.get(key, (0, 0))[1] - before.get(key, (0, 0))[1], key) for key in before.keys() | after.keys()),
+                     reverse=True)
+    return [f"{kb / 1000:+.1f} MB resident, size {after.get(key, (0, 0))[0] / 1000:.1f} MB  at {key}"
+            for kb, key in changes[:top] if kb]
+
+
 def drive(clients: list, calls: int) -> None:
     from gradio_client import handle_file
 
@@ -86,11 +117,13 @@ def main() -> None:
                 raise SystemExit("the app did not start")
             clients = [Client(url, verbose=False, analytics_enabled=False) for _ in range(args.clients)]
             drive(clients, args.warmup)
-            samples = [(round(proc_field(process.pid, "VmRSS") * 1024 / 1e6), proc_field(process.pid, "Threads"))]
+            samples = [sample(process.pid)]
+            first_mappings = mappings(process.pid)
             process.send_signal(signal.SIGUSR1)
             for _ in range(args.calls // args.every):
                 drive(clients, args.every)
-                samples.append((round(proc_field(process.pid, "VmRSS") * 1024 / 1e6), proc_field(process.pid, "Threads")))
+                samples.append(sample(process.pid))
+            last_mappings = mappings(process.pid)
             process.send_signal(signal.SIGUSR1)
             process.send_signal(signal.SIGUSR2)
             time.sleep(5)
@@ -100,7 +133,10 @@ def main() -> None:
             output = log.read().decode(errors="replace")
         if process.returncode not in (0, -signal.SIGTERM, -signal.SIGINT) and "Traceback" in output:
             print(output[-3000:])
-        print(f"RSS MB and threads after the warm-up and every {args.every} calls: {samples}")
+        print(f"Resident MB (all, anonymous, file, shared) and threads, after the warm-up and every {args.every} calls:")
+        for key in ("rss", "anon", "file", "shmem", "threads"):
+            print(f"  {key:7} {[values[key] for values in samples]}")
+        print("Mappings that grew most (resident):", *growth(first_mappings, last_mappings), sep="\n  ")
         print(*[line for line in output.splitlines() if "malloc_trim" in line])
         if args.tracemalloc:
             first, last = (tracemalloc.Snapshot.load(str(Path(snapshots) / f"{i}.snap")) for i in (0, 1))

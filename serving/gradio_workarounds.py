@@ -3,6 +3,8 @@
 - `UploadBox`: `gr.File` without the empty temporary file it leaks per uploaded file, and with an API
   example that is one of the app's own example files.
 - `write_heatmap`: an output image written once and atomically (Gradio rewrites array outputs in place).
+- `bound_queue_analytics`: the queue's monitoring summary kept small and computed now and then, not over
+  the last 10,000 events with pandas after every event.
 - `private_cache` / `purge_cache`: uploads and heatmaps in a folder of this process only, deleted when it
   stops (SIGTERM, SIGINT, Ctrl-C or a normal exit), and folders left by killed processes swept at start;
   Gradio's own `delete_cache` only sweeps while the app runs.
@@ -63,6 +65,22 @@ class UploadBox(gr.File):
         if self.api_example is None:
             return super().example_value()
         return self.api_example if self.file_count == "single" else [self.api_example]
+
+
+# Events the queue keeps for its monitoring summary, and how often (in events) it is recomputed.
+ANALYTICS_EVENTS_KEPT = 500
+ANALYTICS_SUMMARY_EVERY = 100
+
+
+def bound_queue_analytics() -> None:
+    """Call before `demo.queue()`. Gradio 6.31's queue keeps a record of the last 10,000 events and, after
+    every event, builds a pandas DataFrame of all of them for its monitoring page: CPU per request that
+    grows with the requests served, and pandas 3 puts the strings in Arrow's memory pool (mimalloc), which
+    kept the high-water marks: +70 MB over 2,000 requests at 32 clients (docs/benchmarks.md, "Under
+    load"). Gradio's own settings, `GRADIO_ANALYTICS_MAX_EVENTS` and `GRADIO_ANALYTICS_CACHE_FREQUENCY`,
+    bound both; values already in the environment win."""
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", str(ANALYTICS_EVENTS_KEPT))
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", str(ANALYTICS_SUMMARY_EVERY))
 
 
 def write_heatmap(overlay: np.ndarray) -> str:
