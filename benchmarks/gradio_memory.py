@@ -61,7 +61,7 @@ def mappings(pid: int) -> dict[str, tuple[int, int]]:
     heap that grows keeps its start): (size, resident) in kB."""
     regions: dict[str, tuple[int, int]] = {}
     key = ""
-    for line in open(f"/proc/{pid}/smaps"):
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         first, *rest = line.split()
         if "-" in first and not first.endswith(":"):
             key = f"{first.split('-')[0]} {rest[4] if len(rest) > 4 else '[anonymous]'}"

@@ -6,16 +6,17 @@ writes JSON.
 
 Starts `python app.py` on a free loopback port (in its own process group, stopped as one at the end), then:
 - warm-up: `WARMUP_REQUESTS` `/predict` calls spread over the clients (not timed), then the app's resident
-  memory is taken as the baseline;
+  memory is taken as the baseline. As many as the events Gradio's queue keeps for its monitoring summary
+  (`serving.gradio_workarounds.ANALYTICS_EVENTS_KEPT`): until then that bounded record is still filling;
 - phase 1 (load): `--clients` threads, one `gradio_client.Client` each (created before the timed part),
   each making `--requests` `/predict` calls back to back with the example images in rotation. Every answer
   is classified: a success (a decision came back), a "Queue is full" refusal that the client reported
   clearly (counted as handled, with its message), or a failure by kind (timeout, connection error, HTTP
   status, app error, malformed answer, a heatmap PNG that arrived incomplete). Latency is the client's wall
   time per call (upload, queue, scoring, class-activation map, download of the heatmap);
-- phase 2 (memory): the same clients make the remaining calls until `--soak` calls in all have been answered
-  (warm-up + phase 1 + top-up, whatever their outcome), then memory is taken again; growth is measured from
-  the warm-up baseline.
+- phase 2 (memory): the same clients make the remaining calls until `--soak` calls after the warm-up have
+  been answered (phase 1 + top-up, whatever their outcome), then memory is taken again; growth is measured
+  from the warm-up baseline.
 
 Everything stays on 127.0.0.1. Each call is bounded (`REQUEST_TIMEOUT_S`) and the whole run is bounded
 (`--time-limit-min`): past it no new call starts, the app is stopped, what was measured is written and the
@@ -57,12 +58,14 @@ from app_benchmark import (
     wait_until_ready,
 )
 
+from serving.gradio_workarounds import ANALYTICS_EVENTS_KEPT
+
 EXPORTED_MODEL = ROOT / "exports" / "pneumonia-cnn"
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "load-results.json"
 
 TARGET_FAILED = 0
 TARGET_RSS_GROWTH_PCT = 5.0  # over 2,000 requests (scoring-core issue)
-WARMUP_REQUESTS = 50
+WARMUP_REQUESTS = ANALYTICS_EVENTS_KEPT
 REQUEST_TIMEOUT_S = 120.0  # one call, queueing included; far above what a full queue should take
 RSS_SAMPLE_S = 1.0
 PROGRESS_S = 15.0
@@ -373,7 +376,7 @@ def load_test(args: argparse.Namespace, uri: str) -> dict[str, Any]:
                 phases[name]["cpu_s"] = {"app": None if app_cpu is None or app_after is None
                                          else app_after - app_cpu, "clients": own_cpu_seconds() - own_cpu}
 
-            phase("warm-up", spread(min(WARMUP_REQUESTS, args.soak), args.clients))
+            phase("warm-up", spread(WARMUP_REQUESTS, args.clients))
             time.sleep(RSS_SAMPLE_S)
             rss_warm = rss_mb(process.pid)
             answered_warm, served_warm = progress.answered(), progress.served()
@@ -381,7 +384,7 @@ def load_test(args: argparse.Namespace, uri: str) -> dict[str, Any]:
             phase("phase 1", [args.requests] * args.clients)
             rss_phase1 = rss_mb(process.pid)
 
-            top_up = max(0, args.soak - progress.answered())
+            top_up = max(0, args.soak - (progress.answered() - answered_warm))
             if top_up:
                 phase("soak top-up", spread(top_up, args.clients))
             time.sleep(RSS_SAMPLE_S)
@@ -502,7 +505,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (threads)")
     parser.add_argument("--requests", type=int, default=50, help="/predict calls per client in phase 1")
     parser.add_argument("--soak", type=int, default=2000,
-                        help="calls answered in all (warm-up + phase 1 + top-up) before the last memory reading")
+                        help="calls answered after the warm-up (phase 1 + top-up) before the last memory reading")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON file to write")
     parser.add_argument("--time-limit-min", type=float, default=15.0,
                         help="stop (exit status 3) if the whole run takes longer than this")
@@ -527,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     result = load_test(args, uri)
     result["machine"] = machine()
     result["settings"] = {"clients": args.clients, "requests_per_client": args.requests, "soak": args.soak,
-                          "warmup_requests": min(WARMUP_REQUESTS, args.soak),
+                          "warmup_requests": WARMUP_REQUESTS,
                           "request_timeout_s": REQUEST_TIMEOUT_S, "time_limit_min": args.time_limit_min}
     result["targets"] = {"failed": TARGET_FAILED, "rss_growth_pct": TARGET_RSS_GROWTH_PCT}
     if args.output:
