@@ -238,3 +238,9 @@ def peek_rows(project: Path, query: str) -> list[tuple]:
             connection.close()
     except sqlite3.OperationalError:  # no such table yet, or locked by a writer
         return []
+
+
+def column(table: dict, name: str) -> list:
+    """One column of the app's table value (Gradio's headers and rows)."""
+    index = table["headers"].index(name)
+    return [row[index] for row in table["data"]]

@@ -32,7 +32,7 @@ from serving import gradio_workarounds as workarounds
 from serving.card import NOT_A_DEVICE
 from serving.overlay import heatmap, overlay
 from tests import image_factory as factory
-from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, client_for, launched, write
+from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, client_for, column, launched, write
 
 pytestmark = [
     pytest.mark.filterwarnings(KERAS_SAVE_WARNING),  # the session's tiny_bundle is built with Keras
@@ -43,12 +43,6 @@ pytestmark = [
 def rows(outcome) -> dict[str, tuple]:
     """file name -> (probability, label, note); results are named by their upload path."""
     return {Path(r.name).name: (r.probability, r.label, r.error or "") for r in outcome.results}
-
-
-def column(table: dict, name: str) -> list:
-    """One column of the app's table value (Gradio's headers and rows)."""
-    index = table["headers"].index(name)
-    return [row[index] for row in table["data"]]
 
 
 def probability_of(service, data: bytes) -> float | None:

@@ -29,7 +29,7 @@ from scoring import checks
 from scoring.decision import CLASS_NAMES
 from scoring.imaging import MAX_FILE_BYTES, ImageDecodeError, decode_greyscale, read_bytes
 from tests import image_factory as factory
-from tests.helpers import KERAS_SAVE_WARNING, PROJECT, client_for, launched
+from tests.helpers import KERAS_SAVE_WARNING, PROJECT, client_for, column, launched
 from tests.hostile_corpus import ERROR, PREDICTION, Case, build_corpus, fixture_xray
 
 pytestmark = [
@@ -137,7 +137,7 @@ def test_every_input_through_the_app_prediction_function(app_module, service, co
         (result,) = outcome.results
         assert result.name == str(case.path)
         # What the user sees names the file as it is, never as a path.
-        assert outcome.table()["file"].tolist() == [case.name]
+        assert column(outcome.table(), "file") == [case.name]
         assert [entry["file"] for entry in outcome.details["results"]] == [case.name]
         _checked(case, result.probability, result.error, failures)
         if result.probability is not None:
@@ -157,7 +157,7 @@ def test_mixed_batches_keep_order_and_outcomes(app_module, service, corpus):
         batch = corpus[start:start + app_module.MAX_FILES]
         outcome = app_module.predict_files([str(case.path) for case in batch], service)
         assert [r.name for r in outcome.results] == [str(case.path) for case in batch]
-        assert outcome.table()["file"].tolist() == [case.name for case in batch]
+        assert column(outcome.table(), "file") == [case.name for case in batch]
         for case, result in zip(batch, outcome.results, strict=True):
             _checked(case, result.probability, result.error, failures)
     _report(failures)
