@@ -31,6 +31,8 @@ RESULTS = Path(__file__).resolve().parent / "recipe-search"
 MODELS = Path("models/recipe-search")
 SENSITIVITIES = (0.93, 0.95)
 RESAMPLES = 1000
+# Framing probe: the external normals zoomed in by these factors (the centre kept, resized back).
+FRAMING_ZOOMS = (1.2, 1.4)
 
 
 def with_overrides(params, assignments: list[str]):
@@ -74,14 +76,14 @@ def external_auc_callback(external, history: list[float]):
 
     class ExternalAuc(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logits = [_logit(self.model.predict(view, batch_size=64, verbose=0)["pneumonia"].reshape(-1))
+            logits = [logit(self.model.predict(view, batch_size=64, verbose=0)["pneumonia"].reshape(-1))
                       for view in (pixels, pixels[:, :, ::-1])]
             history.append(round(float(roc_auc_score(external.labels, np.mean(logits, axis=0))), 4))
 
     return ExternalAuc()
 
 
-def _logit(probabilities: np.ndarray) -> np.ndarray:
+def logit(probabilities: np.ndarray) -> np.ndarray:
     clipped = np.clip(probabilities, 1e-7, 1 - 1e-7)
     return np.log(clipped / (1 - clipped))
 
@@ -150,6 +152,7 @@ def score(name: str, assignments: list[str], seed: int, model, splits: dict[str,
         "external_specificity_at": {str(s): specificity_at(external.labels, scores["external"].probability, s)
                                     for s in SENSITIVITIES},
         "external_viral_roc_auc": viral_auc(external, scores["external"].viral, seed),
+        "external_normal_logit_shift_when_zoomed": framing_shift(served, external, scores["external"].probability),
     }
     if log_to_mlflow:
         mlflow.log_params({"settings": " ".join(assignments) or "(params.yaml)", "seed": seed})
@@ -157,6 +160,20 @@ def score(name: str, assignments: list[str], seed: int, model, splits: dict[str,
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
+
+
+def framing_shift(served, split, probability: np.ndarray) -> dict[str, float]:
+    """The median change of the normals' pneumonia logit when they are zoomed in (a tighter frame shows less
+    of the body, as the training pneumonias do). Near 0: the network does not read framing as diagnosis."""
+    from pipeline.robustness import zoom_in
+
+    normals = split.images[split.labels == 0]
+    shifts = {}
+    for zoom in FRAMING_ZOOMS:
+        zoomed = zoom_in(zoom)(normals, np.random.default_rng(0))
+        shift = logit(served.scores(zoomed).probability) - logit(probability[split.labels == 0])
+        shifts[str(zoom)] = round(float(np.median(shift)), 3)
+    return shifts
 
 
 def viral_auc(split, raw_viral: np.ndarray, seed: int) -> dict[str, float] | None:
@@ -208,18 +225,21 @@ class _maybe_run:
 
 def table() -> str:
     rows = [("| run | settings | seed | epochs (best) | train time | val ROC-AUC | carved test ROC-AUC | external ROC-AUC "
-            "[95% CI] | external spec. at sens. 0.93 / 0.95 | external ROC-AUC by epoch |"),
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "[95% CI] | external spec. at sens. 0.93 / 0.95 | normals' logit shift, zoomed x1.2 / x1.4 | "
+            "external ROC-AUC by epoch |"),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
         auc = result["roc_auc"]
         ext = auc["external"]
         spec = result["external_specificity_at"]
+        framing = result.get("external_normal_logit_shift_when_zoomed")
+        framing_cell = f"{framing['1.2']:+.2f} / {framing['1.4']:+.2f}" if framing else ""
         rows.append(f"| {result['name']} | `{' '.join(result['settings']) or '(default)'}` | {result['seed']} | "
                     f"{result['epochs']} "
                     f"({result['best_epoch']}) | {result['train_seconds'] // 60} min | {auc['val']['value']:.3f} | "
                     f"{auc['test']['value']:.3f} | {ext['value']:.3f} [{ext['ci_low']:.3f}, {ext['ci_high']:.3f}] | "
-                    f"{spec['0.93']:.3f} / {spec['0.95']:.3f} | "
+                    f"{spec['0.93']:.3f} / {spec['0.95']:.3f} | {framing_cell} | "
                     f"{' '.join(f'{v:.3f}' for v in result['external_auc_by_epoch'])} |")
     return "\n".join(rows)
 
@@ -238,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.name:
         parser.error("a NAME for the run is needed")
+    from pipeline.common import setup_logging
+
+    setup_logging()  # the pipeline's per-epoch lines, so that a long run shows its progress
     if args.rescore:
         result = rescore(args.name, args.assignments, args.seed)
     else:

@@ -81,15 +81,18 @@ def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     return tf.image.rot90(image, k=orientation % (len(ORIENTATIONS) // 2))
 
 
-def augment(image: tf.Tensor, seed: tf.Tensor, settings: AugmentParams) -> tf.Tensor:
+def augment(image: tf.Tensor, seed: tf.Tensor, settings: AugmentParams, zoom_in: tf.Tensor | float = 0.0) -> tf.Tensor:
     """Random geometry and exposure, from a stateless seed so every run draws the same numbers.
 
-    Sensor noise comes last, as a detector adds it to whatever reaches it.
+    `zoom_in` adds a zoom of up to that fraction on top of `settings.zoom` (the normals' framing
+    correction). Sensor noise comes last, as a detector adds it to whatever reaches it.
     """
     seeds = tf.random.experimental.stateless_split(seed, num=8)
     size = tf.shape(image)[0]
     angle = _uniform(seeds[0], settings.rotation_deg) * (math.pi / 180.0)
-    scale = 1.0 + _uniform(seeds[1], settings.zoom)
+    # Its own stream (fold_in), so that with no extra zoom every other draw is what it always was.
+    extra_zoom = zoom_in * tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed, 4))
+    scale = 1.0 + _uniform(seeds[1], settings.zoom) + extra_zoom
     shifts = _uniform(seeds[2], settings.shift, shape=[2]) * tf.cast(size, tf.float32)
     image = _affine(image, angle, scale, shifts, settings.fill)
     brightness = _uniform(seeds[3], settings.brightness) * 255.0
@@ -161,11 +164,12 @@ def _affine(image: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor, shifts: tf.Ten
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, subtypes: np.ndarray, batch_size: int, seed: int,
                  augmentation: AugmentParams | None = None, orientation_rate: float = 0.0,
-                 class_weights: dict[int, float] | None = None) -> tf.data.Dataset:
+                 class_weights: dict[int, float] | None = None, mixup_alpha: float = 0.0) -> tf.data.Dataset:
     """In-memory dataset of (float32 N x S x S x 1 raw pixels, targets, sample weights), targets and weights
     keyed by head. Shuffled, augmented and turned (`orientation_rate` of the images) only when
     `augmentation` is given. A turned image teaches the orientation head only; the viral head learns from
-    pneumonia images only; `class_weights` balance the pneumonia head."""
+    pneumonia images only; `class_weights` balance the pneumonia head; `mixup_alpha` > 0 blends the upright
+    images of each augmented batch in pairs (`_mixup`)."""
     weights = class_weights or {0: 1.0, 1: 1.0}
     class_weight = np.where(labels == 1, weights[1], weights[0]).astype(np.float32)
     dataset = tf.data.Dataset.from_tensor_slices((images[..., np.newaxis], labels.astype(np.float32),
@@ -179,13 +183,51 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, subtypes: np.ndarray, b
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
         dataset = dataset.map(lambda *item: _example(*item, tf.constant(0)), num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size)
+    if augmentation is not None and mixup_alpha > 0:
+        batch_seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip((dataset, batch_seeds)).map(
+            lambda batch, batch_seed: _mixup(*batch, batch_seed, mixup_alpha),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _mixup(images, targets, weights, seed, alpha: float):
+    """mixup (Zhang et al. 2018) within a batch: each upright X-ray blended with the next one in the batch
+    when that is upright too, with a weight of at least one half for its own (the larger of lam, 1 - lam,
+    lam ~ Beta(alpha, alpha)). The diagnosis targets and class weights are blended alike; a subtype
+    target is kept only where both have one, an orientation only where both lie alike. Turned images are
+    left alone: the orientation head must be able to read them."""
+    count = tf.shape(images)[0]
+    partner = tf.roll(tf.range(count), shift=1, axis=0)
+    seeds = tf.random.experimental.stateless_split(seed, num=2)
+    first = tf.random.stateless_gamma([count], seeds[0], alpha)
+    second = tf.random.stateless_gamma([count], seeds[1], alpha)
+    total = first + second
+    own = tf.where(total > 0, tf.maximum(first, second) / tf.maximum(total, 1e-30), 1.0)
+    orientation = targets["orientation"]
+    upright = tf.equal(orientation % (len(ORIENTATIONS) // 2), 0)
+    own = tf.where(upright & tf.gather(upright, partner), own, 1.0)
+
+    def blend(values: tf.Tensor) -> tf.Tensor:
+        share = tf.reshape(own, tf.concat([[count], tf.ones([tf.rank(values) - 1], tf.int32)], axis=0))
+        return share * values + (1.0 - share) * tf.gather(values, partner)
+
+    mixed = own < 1.0
+    alike = tf.equal(orientation, tf.gather(orientation, partner))
+    targets = {"pneumonia": blend(targets["pneumonia"]), "viral": blend(targets["viral"]), "orientation": orientation}
+    weights = {"pneumonia": blend(weights["pneumonia"]),
+               "viral": tf.where(mixed, weights["viral"] * tf.gather(weights["viral"], partner), weights["viral"]),
+               "orientation": tf.where(mixed & ~alike, 0.0, weights["orientation"])}
+    return blend(images), targets, weights
 
 
 def _training_example(image, label, subtype, class_weight, seed, settings: AugmentParams, rate: float):
-    """Augmented, then mirrored (`settings.flip`: the diagnosis heads learn from mirrored images too) and
-    turned (`rate`: the orientation head only) at random; the orientation head is told which it got."""
-    image = augment(image, seed, settings)
+    """Augmented (normals zoomed in further by up to `settings.normal_zoom_in`, so that framing stops
+    telling the classes apart), then mirrored (`settings.flip`: the diagnosis heads learn from mirrored
+    images too) and turned (`rate`: the orientation head only) at random; the orientation head is told
+    which it got."""
+    image = augment(image, seed, settings, zoom_in=settings.normal_zoom_in * (1.0 - label))
     seeds = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(seed, 3), num=3)
     mirrored = tf.random.stateless_uniform([], seeds[0]) < (0.5 if settings.flip else 0.0)
     turned = tf.random.stateless_uniform([], seeds[1]) < rate

@@ -71,11 +71,14 @@ class AugmentParams:
     fill: Literal["constant", "nearest", "reflect"]
     # Mirror left-right at random: the diagnosis heads learn to ignore it (serving averages both mirrors).
     flip: StrictBool
+    # Extra zoom-in of normal X-rays only, up to this fraction: the training normals show more of the body
+    # than the pneumonias, and a network left alone reads that framing as the diagnosis.
+    normal_zoom_in: Fraction
 
     @classmethod
     def none(cls) -> AugmentParams:
         """No augmentation at all."""
-        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "constant", False)
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, "constant", False, 0.0)
 
 
 @dataclass(config=_STRICT)
@@ -101,6 +104,9 @@ class TrainParams:
     # The share of training images turned by 90, 180 or 270 degrees for the orientation head (free labels);
     # the diagnosis heads learn from the upright ones only.
     orientation_rate: Fraction
+    # mixup (Zhang et al. 2018): each upright training X-ray blended with another, weight ~ Beta(alpha, alpha);
+    # 0: off.
+    mixup_alpha: NonNegative
     # Loss weights of the second and third heads (pneumonia's is 1).
     subtype_weight: NonNegative
     orientation_weight: NonNegative
@@ -128,6 +134,7 @@ class RobustnessParams:
     blur_sigma: list[Annotated[StrictFloat, Field(gt=0.0)]]
     noise_sigma: list[Annotated[StrictFloat, Field(gt=0.0)]]
     downscale: list[Annotated[StrictInt, Field(ge=8)]]
+    zoom_in: list[Annotated[StrictFloat, Field(ge=1.0)]]
     equalize: StrictBool
 
 

@@ -1,6 +1,7 @@
 """Stage: how far the model's metrics fall when the images look like other devices and exposures.
 
-Each shift (brightness, contrast, gamma, blur, noise, lower resolution, histogram equalisation) is applied
+Each shift (brightness, contrast, gamma, blur, noise, lower resolution, a tighter frame, histogram
+equalisation) is applied
 to the pixels of every evaluated split (validation, carved test, external); the serving artefact, with
 its calibration and threshold, is scored as it will be served, and the share of shifted X-rays its input
 gate would refuse is reported beside the metrics (which count every image). Outputs `reports/robustness.json` (a
@@ -86,6 +87,21 @@ def downscale(pixels: int) -> Shift:
     return _per_image(transform)
 
 
+def zoom_in(factor: float) -> Shift:
+    """The central 1/`factor` of each side, resized back: a tighter frame, with less of the body around the
+    chest (the training normals show more of it than the pneumonias, so a network can read framing as
+    diagnosis)."""
+    if factor < 1.0:
+        raise ValueError(f"a zoom-in factor is at least 1, got {factor}")
+
+    def transform(image: Image.Image) -> Image.Image:
+        width, height = image.size
+        left, top = width * (1 - 1 / factor) / 2, height * (1 - 1 / factor) / 2
+        return image.resize(image.size, Image.Resampling.BILINEAR, box=(left, top, width - left, height - top))
+
+    return _per_image(transform)
+
+
 def equalize() -> Shift:
     return _per_image(ImageOps.equalize)
 
@@ -94,7 +110,8 @@ def build_shifts(params: RobustnessParams) -> dict[str, Shift]:
     shifts: dict[str, Shift] = {}
     kinds = ((params.brightness, "brightness {:+g}", brightness), (params.contrast, "contrast x{:g}", contrast),
              (params.gamma, "gamma {:g}", gamma), (params.blur_sigma, "blur sigma {:g}", blur),
-             (params.noise_sigma, "noise sigma {:g}", noise), (params.downscale, "resolution {}px", downscale))
+             (params.noise_sigma, "noise sigma {:g}", noise), (params.downscale, "resolution {}px", downscale),
+             (params.zoom_in, "zoomed in x{:g}", zoom_in))
     for values, label, make in kinds:
         for value in values:
             shifts[label.format(value)] = make(value)

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.arrays import NO_SUBTYPE, VIRAL, Split
-from pipeline.model import augment, balanced_class_weights, build_model, make_dataset, orient
+from pipeline.model import _mixup, augment, balanced_class_weights, build_model, make_dataset, orient
 from pipeline.params import AugmentParams
 from pipeline.preprocess import assign_splits, decode_all
 from pipeline.train import fit, history_key, make_deterministic
@@ -113,6 +113,60 @@ def test_augmented_dataset_is_reproducible_and_differs_between_epochs():
         np.testing.assert_array_equal(targets["orientation"].numpy(), 0)
         # The viral head learns from pneumonia images only.
         np.testing.assert_array_equal(weights["viral"].numpy(), labels.astype("float32"))
+
+
+def test_normal_zoom_in_magnifies_normals_only():
+    # A bright square in the centre of each image: zooming in makes it cover more pixels.
+    images = np.zeros((16, 32, 32), dtype=np.uint8)
+    images[:, 12:20, 12:20] = 200
+    labels = np.array([0, 1] * 8, dtype=np.uint8)
+    subtypes = np.where(labels == 1, VIRAL, NO_SUBTYPE).astype(np.int8)
+    settings = replace(NO_AUGMENT, normal_zoom_in=0.5)
+    batch, targets, _ = next(iter(make_dataset(images, labels, subtypes, batch_size=16, seed=2, augmentation=settings)))
+    bright = (batch.numpy()[..., 0] > 100).sum(axis=(1, 2))
+    is_normal = targets["pneumonia"].numpy()[:, 0] == 0
+    np.testing.assert_array_equal(bright[~is_normal], 64)
+    assert (bright[is_normal] >= 64).all() and (bright[is_normal] > 64).mean() > 0.5
+    # The extra zoom draws from a stream of its own: the pneumonias' other random draws do not move.
+    turned = replace(NO_AUGMENT, rotation_deg=10.0, brightness=0.1)
+    with_zoom, without = (next(iter(make_dataset(images, labels, subtypes, batch_size=16, seed=2, augmentation=setting)))
+                          for setting in (replace(turned, normal_zoom_in=0.5), turned))
+    pneumonias = with_zoom[1]["pneumonia"].numpy()[:, 0] == 1
+    np.testing.assert_array_equal(with_zoom[0].numpy()[pneumonias], without[0].numpy()[pneumonias])
+    assert not np.array_equal(with_zoom[0].numpy()[~pneumonias], without[0].numpy()[~pneumonias])
+
+
+def test_mixup_blends_upright_pairs_and_their_diagnosis_targets_alike():
+    # Each image one grey level, so a blend's level tells its weight.
+    count = 16
+    levels = np.arange(count, dtype=np.float32) * 13 + 10
+    images = tf.constant(np.broadcast_to(levels[:, None, None, None], (count, 4, 4, 1)))
+    labels = np.array([0, 1] * (count // 2), dtype=np.float32)
+    orientations = np.array([0, 0, 4, 0, 1, 0, 0, 4, 0, 0, 2, 0, 4, 4, 0, 0], dtype=np.int32)
+    turned = orientations % orientation.TURNS > 0
+    has_subtype = labels * ~turned
+    class_weight = np.where(labels == 1, 1.0, 2.0).astype(np.float32) * ~turned
+    targets = {"pneumonia": tf.constant(labels[:, None]), "viral": tf.constant(labels[:, None] * 0),
+               "orientation": tf.constant(orientations)}
+    weights = {"pneumonia": tf.constant(class_weight), "viral": tf.constant(has_subtype.astype(np.float32)),
+               "orientation": tf.ones(count)}
+    mixed_images, mixed_targets, mixed_weights = (
+        {key: value.numpy() for key, value in part.items()} if isinstance(part, dict) else part.numpy()
+        for part in _mixup(images, targets, weights, seed_of(3, 9), alpha=0.4))
+    partner = np.roll(np.arange(count), 1)
+    own = (mixed_images[:, 0, 0, 0] - levels[partner]) / (levels - levels[partner])
+    blended = own < 1 - 1e-6
+    # Only pairs of upright images blend, each keeping at least half of itself.
+    assert blended.sum() >= 4 and not (blended & (turned | turned[partner])).any()
+    assert (own >= 0.5 - 1e-6).all()
+    np.testing.assert_allclose(mixed_targets["pneumonia"][:, 0], own * labels + (1 - own) * labels[partner], atol=1e-5)
+    np.testing.assert_allclose(mixed_weights["pneumonia"], own * class_weight + (1 - own) * class_weight[partner],
+                               atol=1e-5)
+    # A blend of a normal and a pneumonia has no subtype to learn; one of two orientations, no orientation.
+    np.testing.assert_array_equal(mixed_weights["viral"][blended], (has_subtype * has_subtype[partner])[blended])
+    differ = orientations != orientations[partner]
+    np.testing.assert_array_equal(mixed_weights["orientation"], np.where(blended & differ, 0.0, 1.0))
+    np.testing.assert_array_equal(mixed_targets["orientation"], orientations)
 
 
 def test_turned_images_teach_the_orientation_head_only():

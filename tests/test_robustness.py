@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from pipeline.params import RobustnessParams
-from pipeline.robustness import REPORTED, brightness, build_shifts, contrast, downscale, measure
+from pipeline.robustness import REPORTED, brightness, build_shifts, contrast, downscale, measure, zoom_in
 
 PARAMS = RobustnessParams(brightness=[-40, 40], contrast=[0.6], gamma=[1.6], blur_sigma=[1.5], noise_sigma=[12],
-                          downscale=[16], equalize=True)
+                          downscale=[16], zoom_in=[1.4], equalize=True)
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,13 @@ def images():
 def test_every_shift_keeps_shape_and_dtype_and_changes_the_pixels(images):
     shifts = build_shifts(PARAMS)
     assert list(shifts) == ["brightness -40", "brightness +40", "contrast x0.6", "gamma 1.6", "blur sigma 1.5",
-                            "noise sigma 12", "resolution 16px", "histogram equalised"]
+                            "noise sigma 12", "resolution 16px", "zoomed in x1.4", "histogram equalised"]
     for name, shift in shifts.items():
         shifted = shift(images, np.random.default_rng(0))
         assert shifted.shape == images.shape and shifted.dtype == np.uint8, name
         assert not np.array_equal(shifted, images), name
     no_equalize = RobustnessParams(brightness=[], contrast=[], gamma=[], blur_sigma=[], noise_sigma=[], downscale=[],
-                                   equalize=False)
+                                   zoom_in=[], equalize=False)
     assert build_shifts(no_equalize) == {}
 
 
@@ -40,6 +40,19 @@ def test_shifts_move_the_statistics_they_claim_to(images):
     assert contrast(0.6)(images, rng).astype(float).std() < 0.7 * images.astype(float).std()
     detail = np.abs(np.diff(images.astype(float), axis=1)).mean()
     assert np.abs(np.diff(downscale(16)(images, rng).astype(float), axis=1)).mean() < detail
+
+
+def test_zoom_in_keeps_the_centre_and_enlarges_it():
+    square = np.zeros((1, 40, 40), dtype=np.uint8)
+    square[0, 15:25, 15:25] = 200
+    zoomed = zoom_in(2.0)(square, np.random.default_rng(0))[0]
+    # The 10 px square becomes 20 px, still centred.
+    bright = np.argwhere(zoomed > 100)
+    assert 19 <= np.ptp(bright[:, 0]) + 1 <= 21 and 19 <= np.ptp(bright[:, 1]) + 1 <= 21
+    assert abs(bright.mean() - 19.5) < 0.6
+    np.testing.assert_array_equal(zoom_in(1.0)(square, np.random.default_rng(0)), square)
+    with pytest.raises(ValueError, match="at least 1"):
+        zoom_in(0.8)
 
 
 class BrightnessModel:
