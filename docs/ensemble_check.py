@@ -6,7 +6,9 @@ recipe-search runs, no training:
 Scores each saved network (`models/recipe-search/NAME.keras`) as served (the image and its mirror), then
 every combination of two or more by their averaged logits, and prints the external ROC-AUC and the
 specificity at sensitivity 0.93 of each. If the members' errors were independent, averaging would lift the
-ranking; if they share their errors, no ensemble, and no network distilled from one, can.
+ranking; if they share their errors, no ensemble, and no network distilled from one, can. A second table
+follows the first network's hardest normals (the 15 it scores highest) through every network: the share of
+pneumonias each scores below them.
 """
 
 from __future__ import annotations
@@ -48,11 +50,30 @@ def table(labels: np.ndarray, logits: dict[str, np.ndarray]) -> str:
     return "\n".join(rows)
 
 
+HARDEST = 15
+
+
+def shared_errors(labels: np.ndarray, logits: dict[str, np.ndarray]) -> str:
+    reference = next(iter(logits.values()))
+    normals = np.flatnonzero(labels == 0)
+    hardest = normals[np.argsort(-reference[normals])][:HARDEST]
+    rows = [f"| network | share of pneumonias scored below the first network's {HARDEST} hardest normals |",
+            "| --- | --- |"]
+    for name, scores in logits.items():
+        pneumonias = np.sort(scores[labels == 1])
+        below = np.searchsorted(pneumonias, scores[hardest]) / len(pneumonias)
+        rows.append(f"| {name} | {below.mean():.3f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="+", metavar="NAME", help="saved recipe-search runs")
     args = parser.parse_args(argv)
-    print(table(*external_logits(args.names)))
+    labels, logits = external_logits(args.names)
+    print(table(labels, logits))
+    print()
+    print(shared_errors(labels, logits))
     return 0
 
 

@@ -81,7 +81,7 @@ def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     return tf.image.rot90(image, k=orientation % (len(ORIENTATIONS) // 2))
 
 
-def augment(image: tf.Tensor, seed: tf.Tensor, settings: AugmentParams, zoom_in: tf.Tensor | float = 0.0) -> tf.Tensor:
+def augment(image: tf.Tensor, seed: tf.Tensor, settings: AugmentParams, zoom_in: tf.Tensor | None = None) -> tf.Tensor:
     """Random geometry and exposure, from a stateless seed so every run draws the same numbers.
 
     `zoom_in` adds a zoom of up to that fraction on top of `settings.zoom` (the normals' framing
@@ -90,9 +90,11 @@ def augment(image: tf.Tensor, seed: tf.Tensor, settings: AugmentParams, zoom_in:
     seeds = tf.random.experimental.stateless_split(seed, num=8)
     size = tf.shape(image)[0]
     angle = _uniform(seeds[0], settings.rotation_deg) * (math.pi / 180.0)
-    # Its own stream (fold_in), so that with no extra zoom every other draw is what it always was.
-    extra_zoom = zoom_in * tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed, 4))
-    scale = 1.0 + _uniform(seeds[1], settings.zoom) + extra_zoom
+    scale = 1.0 + _uniform(seeds[1], settings.zoom)
+    if zoom_in is not None:
+        # Its own stream (fold_in), so that every other draw is what it would be without it. Left out of the
+        # graph when off: even an added zero lets the graph optimiser round the scale differently.
+        scale = scale + zoom_in * tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(seed, 4))
     shifts = _uniform(seeds[2], settings.shift, shape=[2]) * tf.cast(size, tf.float32)
     image = _affine(image, angle, scale, shifts, settings.fill)
     brightness = _uniform(seeds[3], settings.brightness) * 255.0
@@ -227,7 +229,8 @@ def _training_example(image, label, subtype, class_weight, seed, settings: Augme
     telling the classes apart), then mirrored (`settings.flip`: the diagnosis heads learn from mirrored
     images too) and turned (`rate`: the orientation head only) at random; the orientation head is told
     which it got."""
-    image = augment(image, seed, settings, zoom_in=settings.normal_zoom_in * (1.0 - label))
+    zoom_in = settings.normal_zoom_in * (1.0 - label) if settings.normal_zoom_in > 0 else None
+    image = augment(image, seed, settings, zoom_in=zoom_in)
     seeds = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(seed, 3), num=3)
     mirrored = tf.random.stateless_uniform([], seeds[0]) < (0.5 if settings.flip else 0.0)
     turned = tf.random.stateless_uniform([], seeds[1]) < rate
