@@ -1,6 +1,6 @@
 """Train one recipe variant and judge it on the external set: the tool behind docs/experiments.md.
 
-    python docs/recipe_search.py NAME [--set train.KEY=VALUE ...] [--seed N] [--no-mlflow]
+    python docs/recipe_search.py NAME [--set train.KEY=VALUE ...] [--seed N] [--simsiam-epochs N] [--no-mlflow]
 
 Runs on the prepared splits of the project (`dvc repro` first, with an external set: `make repro
 DATA=... EXTERNAL=...`). It trains with the pipeline's own `train.fit` on params.yaml's recipe plus the
@@ -8,7 +8,8 @@ overrides, exactly as the train stage would, and writes `docs/recipe-search/NAME
 ROC-AUC with 95% bootstrap CIs on validation, carved test and external, the external specificity at fixed
 sensitivities, and the external ROC-AUC after every epoch. The last is a diagnostic only: weights are never
 chosen on the external set (the best epoch is chosen on validation, as in the pipeline). Each run is also an
-MLflow run in the project's store (experiment `recipe-search`).
+MLflow run in the project's store (experiment `recipe-search`). `--simsiam-epochs N` first pretrains the
+trunk without labels on the training images (`docs/simsiam.py`) and trains from those weights.
 
     python docs/recipe_search.py --table    # the Markdown table of every result in docs/recipe-search/
 """
@@ -88,7 +89,8 @@ def logit(probabilities: np.ndarray) -> np.ndarray:
     return np.log(clipped / (1 - clipped))
 
 
-def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool) -> dict[str, Any]:
+def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool,
+        simsiam_epochs: int = 0) -> dict[str, Any]:
     from pipeline import train
     from pipeline.params import load_params
 
@@ -97,12 +99,22 @@ def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool
     recipe = with_overrides(params.train, assignments)
     splits = load_splits()
     history: list[float] = []
-    train.make_deterministic(seed)
     started = time.perf_counter()
+    callbacks = [external_auc_callback(splits["external"], history)]
+    pretraining = {}
+    if simsiam_epochs:
+        import simsiam
+
+        train.make_deterministic(seed)
+        weights, simsiam_rows = simsiam.pretrain(recipe, splits["train"].images, seed, simsiam_epochs)
+        callbacks.insert(0, simsiam.StartFromTrunk(weights))
+        pretraining = {"simsiam_epochs": simsiam_rows, "simsiam_seconds": round(time.perf_counter() - started)}
+        assignments = [*assignments, f"simsiam_epochs={simsiam_epochs}"]
+    train.make_deterministic(seed)
     with tempfile.TemporaryDirectory() as scratch, _maybe_run(log_to_mlflow, name):
         model, rows = train.fit(recipe, seed, splits["train"], splits["val"], Path(scratch) / "best.weights.h5",
-                                callbacks=[external_auc_callback(splits["external"], history)])
-        training = {"train_seconds": round(time.perf_counter() - started), "epochs": len(rows),
+                                callbacks=callbacks)
+        training = {**pretraining, "train_seconds": round(time.perf_counter() - started), "epochs": len(rows),
                     "best_epoch": int(max(rows, key=lambda row: row["val_auc"])["epoch"]),
                     "external_auc_by_epoch": history, "val_auc_by_epoch": [round(row["val_auc"], 4) for row in rows]}
         # Kept (git-ignored) before scoring, so that a run can be scored again (`--rescore`).
@@ -249,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", nargs="?")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="train.KEY=VALUE")
     parser.add_argument("--seed", type=int, default=None, help="another seed than params.yaml's")
+    parser.add_argument("--simsiam-epochs", type=int, default=0, metavar="N",
+                        help="pretrain the trunk without labels for N epochs first (docs/simsiam.py)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     parser.add_argument("--table", action="store_true", help="print the table of results and stop")
     parser.add_argument("--rescore", action="store_true", help="score the saved model of run NAME again")
@@ -264,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rescore:
         result = rescore(args.name, args.assignments, args.seed)
     else:
-        result = run(args.name, args.assignments, args.seed, not args.no_mlflow)
+        result = run(args.name, args.assignments, args.seed, not args.no_mlflow, args.simsiam_epochs)
     print(json.dumps({key: result[key] for key in ("name", "roc_auc", "external_specificity_at")}))
     return 0
 
