@@ -1,6 +1,7 @@
 """Train one recipe variant and judge it on the external set: the tool behind docs/experiments.md.
 
-    python docs/recipe_search.py NAME [--set train.KEY=VALUE ...] [--seed N] [--simsiam-epochs N] [--no-mlflow]
+    python docs/recipe_search.py NAME [--set train.KEY=VALUE ...] [--seed N] [--simsiam-epochs N] [--fold-test]
+                                      [--no-mlflow]
 
 Runs on the prepared splits of the project (`dvc repro` first, with an external set: `make repro
 DATA=... EXTERNAL=...`). It trains with the pipeline's own `train.fit` on params.yaml's recipe plus the
@@ -9,7 +10,8 @@ ROC-AUC with 95% bootstrap CIs on validation, carved test and external, the exte
 sensitivities, and the external ROC-AUC after every epoch. The last is a diagnostic only: weights are never
 chosen on the external set (the best epoch is chosen on validation, as in the pipeline). Each run is also an
 MLflow run in the project's store (experiment `recipe-search`). `--simsiam-epochs N` first pretrains the
-trunk without labels on the training images (`docs/simsiam.py`) and trains from those weights.
+trunk without labels on the training images (`docs/simsiam.py`) and trains from those weights. `--fold-test`
+trains on the carved test split as well (its figures are then in-sample).
 
     python docs/recipe_search.py --table    # the Markdown table of every result in docs/recipe-search/
 """
@@ -90,7 +92,7 @@ def logit(probabilities: np.ndarray) -> np.ndarray:
 
 
 def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool,
-        simsiam_epochs: int = 0) -> dict[str, Any]:
+        simsiam_epochs: int = 0, fold_test: bool = False) -> dict[str, Any]:
     from pipeline import train
     from pipeline.params import load_params
 
@@ -98,6 +100,9 @@ def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool
     seed = params.seed if seed is None else seed
     recipe = with_overrides(params.train, assignments)
     splits = load_splits()
+    if fold_test:
+        splits["train"] = concatenate(splits["train"], splits["test"])
+        assignments = [*assignments, "fold_test=true"]
     history: list[float] = []
     started = time.perf_counter()
     callbacks = [external_auc_callback(splits["external"], history)]
@@ -136,6 +141,14 @@ def rescore(name: str, assignments: list[str], seed: int | None) -> dict[str, An
     record = MODELS / f"{name}.json"
     training = json.loads(record.read_text()) if record.is_file() else _training_from_mlflow(name)
     return score(name, assignments, seed, model, load_splits(), training, log_to_mlflow=False)
+
+
+def concatenate(first, second):
+    """One split of both (the carved test split folded into training: its figures are then in-sample)."""
+    from pipeline.arrays import Split
+
+    return Split(*(np.concatenate([getattr(first, field), getattr(second, field)])
+                   for field in ("images", "labels", "patients", "subtypes")))
 
 
 def load_splits() -> dict[str, Any]:
@@ -263,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="another seed than params.yaml's")
     parser.add_argument("--simsiam-epochs", type=int, default=0, metavar="N",
                         help="pretrain the trunk without labels for N epochs first (docs/simsiam.py)")
+    parser.add_argument("--fold-test", action="store_true",
+                        help="train on the carved test split too (21%% more X-rays; its figures become in-sample)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     parser.add_argument("--table", action="store_true", help="print the table of results and stop")
     parser.add_argument("--rescore", action="store_true", help="score the saved model of run NAME again")
@@ -278,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rescore:
         result = rescore(args.name, args.assignments, args.seed)
     else:
-        result = run(args.name, args.assignments, args.seed, not args.no_mlflow, args.simsiam_epochs)
+        result = run(args.name, args.assignments, args.seed, not args.no_mlflow, args.simsiam_epochs,
+                     args.fold_test)
     print(json.dumps({key: result[key] for key in ("name", "roc_auc", "external_specificity_at")}))
     return 0
 
