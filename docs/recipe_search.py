@@ -65,7 +65,8 @@ def specificity_at(labels: np.ndarray, scores: np.ndarray, sensitivity: float) -
     """The specificity at the highest threshold that keeps `sensitivity` (an oracle operating point, for
     ranking recipes only: the pipeline chooses its threshold by its own rule)."""
     positives = np.sort(scores[labels == 1])
-    threshold = positives[int(np.floor((1 - sensitivity) * len(positives)))]
+    # Rounded first: (1 - 0.9) * 10 is 0.999..., which must allow one positive below, not none.
+    threshold = positives[int(np.floor(round((1 - sensitivity) * len(positives), 9)))]
     return round(float(np.mean(scores[labels == 0] < threshold)), 4)
 
 
@@ -125,21 +126,26 @@ def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool
         # Kept (git-ignored) before scoring, so that a run can be scored again (`--rescore`).
         MODELS.mkdir(parents=True, exist_ok=True)
         model.save(MODELS / f"{name}.keras")
-        (MODELS / f"{name}.json").write_text(json.dumps(training) + "\n", encoding="utf-8")
+        record = {**training, "settings": assignments, "seed": seed}
+        (MODELS / f"{name}.json").write_text(json.dumps(record) + "\n", encoding="utf-8")
         return score(name, assignments, seed, model, splits, training, log_to_mlflow)
 
 
 def rescore(name: str, assignments: list[str], seed: int | None) -> dict[str, Any]:
     """Score a saved run again (its training record from models/recipe-search/NAME.json, or else from its
-    MLflow run's epoch metrics; the per-epoch external diagnostic is then unknown)."""
+    MLflow run's epoch metrics; the per-epoch external diagnostic is then unknown). The settings and seed
+    it was trained with come from that record where it has them, unless given again."""
     import keras
 
     from pipeline.params import load_params
 
-    seed = load_params().seed if seed is None else seed
     model = keras.models.load_model(MODELS / f"{name}.keras", compile=False, safe_mode=True)
     record = MODELS / f"{name}.json"
     training = json.loads(record.read_text()) if record.is_file() else _training_from_mlflow(name)
+    recorded_settings = training.pop("settings", [])
+    assignments = assignments or recorded_settings
+    recorded_seed = training.pop("seed", None)
+    seed = seed if seed is not None else recorded_seed if recorded_seed is not None else load_params().seed
     return score(name, assignments, seed, model, load_splits(), training, log_to_mlflow=False)
 
 

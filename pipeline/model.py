@@ -29,6 +29,7 @@ ORIENTATION_OUTPUT_NAME = "orientation_probabilities"
 
 def build_model(input_size: int, params: TrainParams) -> keras.Model:
     """Conv blocks (conv-BN-ReLU x convs_per_block, then max-pool), global pooling, one sigmoid unit.
+    With `residual`, each block's input is added back before its last ReLU (He et al. 2016).
 
     normalization "per_image" standardises each image to zero mean and unit variance, so a darker or
     flatter exposure reaches the convolutions looking like any other. `crop` < 1 keeps only that central
@@ -56,11 +57,14 @@ def build_model(input_size: int, params: TrainParams) -> keras.Model:
         x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
         x = layers.ReLU(name="stem_relu")(x)
     for block, width in enumerate(filters, start=1):
+        block_input = x
         for conv in range(1, params.convs_per_block + 1):
             x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}")(x)
             # momentum 0.9, not 0.99: with ~100 steps an epoch the moving statistics must settle within
             # the first epoch, or validation (inference mode) sees saturated outputs and an AUC of 0.5.
             x = layers.BatchNormalization(momentum=0.9, name=f"block{block}_bn{conv}")(x)
+            if params.residual and conv == params.convs_per_block:
+                x = layers.Add(name=f"block{block}_add")([x, _shortcut(block_input, width, block)])
             x = layers.ReLU(name=f"block{block}_relu{conv}")(x)
         x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
     x = layers.GlobalAveragePooling2D(name="global_pool")(x)
@@ -71,6 +75,14 @@ def build_model(input_size: int, params: TrainParams) -> keras.Model:
         "pneumonia": layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(x),
     }
     return keras.Model(inputs, outputs, name="pneumonia_cnn")
+
+
+def _shortcut(block_input: tf.Tensor, width: int, block: int) -> tf.Tensor:
+    """The identity, or a 1x1 projection (with batch normalisation) where the block changes the width."""
+    if block_input.shape[-1] == width:
+        return block_input
+    projected = layers.Conv2D(width, 1, use_bias=False, name=f"block{block}_shortcut_conv")(block_input)
+    return layers.BatchNormalization(momentum=0.9, name=f"block{block}_shortcut_bn")(projected)
 
 
 def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
@@ -166,12 +178,14 @@ def _affine(image: tf.Tensor, angle: tf.Tensor, scale: tf.Tensor, shifts: tf.Ten
 
 def make_dataset(images: np.ndarray, labels: np.ndarray, subtypes: np.ndarray, batch_size: int, seed: int,
                  augmentation: AugmentParams | None = None, orientation_rate: float = 0.0,
-                 class_weights: dict[int, float] | None = None, mixup_alpha: float = 0.0) -> tf.data.Dataset:
+                 class_weights: dict[int, float] | None = None, mixup_alpha: float = 0.0,
+                 cutmix_alpha: float = 0.0) -> tf.data.Dataset:
     """In-memory dataset of (float32 N x S x S x 1 raw pixels, targets, sample weights), targets and weights
     keyed by head. Shuffled, augmented and turned (`orientation_rate` of the images) only when
     `augmentation` is given. A turned image teaches the orientation head only; the viral head learns from
     pneumonia images only; `class_weights` balance the pneumonia head; `mixup_alpha` > 0 blends the upright
-    images of each augmented batch in pairs (`_mixup`)."""
+    images of each augmented batch in pairs (`_mixup`), `cutmix_alpha` > 0 pastes a part of one into the
+    other (`_cutmix`)."""
     weights = class_weights or {0: 1.0, 1: 1.0}
     class_weight = np.where(labels == 1, weights[1], weights[0]).astype(np.float32)
     dataset = tf.data.Dataset.from_tensor_slices((images[..., np.newaxis], labels.astype(np.float32),
@@ -186,42 +200,77 @@ def make_dataset(images: np.ndarray, labels: np.ndarray, subtypes: np.ndarray, b
     else:
         dataset = dataset.map(lambda *item: _example(*item, tf.constant(0)), num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size)
-    if augmentation is not None and mixup_alpha > 0:
-        batch_seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
-        dataset = tf.data.Dataset.zip((dataset, batch_seeds)).map(
-            lambda batch, batch_seed: _mixup(*batch, batch_seed, mixup_alpha),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    for offset, alpha, mix in ((1, mixup_alpha, _mixup), (2, cutmix_alpha, _cutmix)):
+        if augmentation is not None and alpha > 0:
+            batch_seeds = tf.data.Dataset.random(seed=seed + offset, rerandomize_each_iteration=True).batch(2)
+            dataset = tf.data.Dataset.zip((dataset, batch_seeds)).map(
+                lambda batch, batch_seed, mix=mix, alpha=alpha: mix(*batch, batch_seed, alpha),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def _mixup(images, targets, weights, seed, alpha: float):
     """mixup (Zhang et al. 2018) within a batch: each upright X-ray blended with the next one in the batch
     when that is upright too, with a weight of at least one half for its own (the larger of lam, 1 - lam,
-    lam ~ Beta(alpha, alpha)). The diagnosis targets and class weights are blended alike; a subtype
-    target is kept only where both have one, an orientation only where both lie alike. Turned images are
-    left alone: the orientation head must be able to read them."""
-    count = tf.shape(images)[0]
+    lam ~ Beta(alpha, alpha)). The targets follow `_blend_targets`. Turned images are left alone: the
+    orientation head must be able to read them."""
+    own, partner = _pair_shares(targets["orientation"], seed, alpha)
+    return (_blend(images, own, partner), *_blend_targets(targets, weights, own, partner))
+
+
+def _cutmix(images, targets, weights, seed, alpha: float):
+    """CutMix (Yun et al. 2019) within a batch: into each upright X-ray, a rectangle of the next one in the
+    batch (when that is upright too) is pasted, at most half of the area, at a random place (clipped at
+    the border). The targets are blended by the area each X-ray keeps (`_blend_targets`)."""
+    own, partner = _pair_shares(targets["orientation"], seed, alpha)
+    size = tf.shape(images)[1]
+    side = tf.cast(tf.round(tf.sqrt(1.0 - own) * tf.cast(size, tf.float32)), tf.int32)
+    centres = tf.random.stateless_uniform([2, tf.shape(images)[0]], tf.random.experimental.stateless_fold_in(seed, 7),
+                                          0, size, dtype=tf.int32)
+    rows = tf.range(size)[tf.newaxis, :]
+
+    def inside(centre: tf.Tensor) -> tf.Tensor:
+        start = (centre - side // 2)[:, tf.newaxis]
+        return (rows >= start) & (rows < start + side[:, tf.newaxis])
+
+    pasted = inside(centres[0])[:, :, tf.newaxis] & inside(centres[1])[:, tf.newaxis, :]
+    kept = 1.0 - tf.reduce_mean(tf.cast(pasted, tf.float32), axis=[1, 2])
+    images = tf.where(pasted[..., tf.newaxis], tf.gather(images, partner), images)
+    return (images, *_blend_targets(targets, weights, kept, partner))
+
+
+def _pair_shares(orientation, seed, alpha: float):
+    """Each X-ray's own share (at least one half: the larger of lam, 1 - lam, lam ~ Beta(alpha, alpha)) when
+    it and its partner (the next in the batch) are both upright, else 1; and the partners."""
+    count = tf.shape(orientation)[0]
     partner = tf.roll(tf.range(count), shift=1, axis=0)
     seeds = tf.random.experimental.stateless_split(seed, num=2)
     first = tf.random.stateless_gamma([count], seeds[0], alpha)
     second = tf.random.stateless_gamma([count], seeds[1], alpha)
     total = first + second
     own = tf.where(total > 0, tf.maximum(first, second) / tf.maximum(total, 1e-30), 1.0)
-    orientation = targets["orientation"]
     upright = tf.equal(orientation % (len(ORIENTATIONS) // 2), 0)
-    own = tf.where(upright & tf.gather(upright, partner), own, 1.0)
+    return tf.where(upright & tf.gather(upright, partner), own, 1.0), partner
 
-    def blend(values: tf.Tensor) -> tf.Tensor:
-        share = tf.reshape(own, tf.concat([[count], tf.ones([tf.rank(values) - 1], tf.int32)], axis=0))
-        return share * values + (1.0 - share) * tf.gather(values, partner)
 
+def _blend(values: tf.Tensor, own: tf.Tensor, partner: tf.Tensor) -> tf.Tensor:
+    share = tf.reshape(own, tf.concat([tf.shape(own), tf.ones([tf.rank(values) - 1], tf.int32)], axis=0))
+    return share * values + (1.0 - share) * tf.gather(values, partner)
+
+
+def _blend_targets(targets, weights, own, partner):
+    """The diagnosis targets and class weights blended by `own`; a subtype target kept only where both X-rays
+    have one, an orientation only where both lie alike."""
+    orientation = targets["orientation"]
     mixed = own < 1.0
     alike = tf.equal(orientation, tf.gather(orientation, partner))
-    targets = {"pneumonia": blend(targets["pneumonia"]), "viral": blend(targets["viral"]), "orientation": orientation}
-    weights = {"pneumonia": blend(weights["pneumonia"]),
-               "viral": tf.where(mixed, weights["viral"] * tf.gather(weights["viral"], partner), weights["viral"]),
-               "orientation": tf.where(mixed & ~alike, 0.0, weights["orientation"])}
-    return blend(images), targets, weights
+    blended_targets = {"pneumonia": _blend(targets["pneumonia"], own, partner),
+                       "viral": _blend(targets["viral"], own, partner), "orientation": orientation}
+    blended_weights = {
+        "pneumonia": _blend(weights["pneumonia"], own, partner),
+        "viral": tf.where(mixed, weights["viral"] * tf.gather(weights["viral"], partner), weights["viral"]),
+        "orientation": tf.where(mixed & ~alike, 0.0, weights["orientation"])}
+    return blended_targets, blended_weights
 
 
 def _training_example(image, label, subtype, class_weight, seed, settings: AugmentParams, rate: float):

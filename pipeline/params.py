@@ -88,6 +88,8 @@ class TrainParams:
     stem_filters: Annotated[StrictInt, Field(ge=0)]
     filters: Annotated[list[Positive], Field(min_length=1)]
     convs_per_block: Positive
+    # Each block's input added back before its last ReLU (a 1x1 projection where the width changes).
+    residual: StrictBool
     normalization: Literal["none", "per_image"]
     dropout: Fraction
     label_smoothing: Fraction
@@ -107,6 +109,8 @@ class TrainParams:
     # mixup (Zhang et al. 2018): each upright training X-ray blended with another, weight ~ Beta(alpha, alpha);
     # 0: off.
     mixup_alpha: NonNegative
+    # CutMix (Yun et al. 2019): a rectangle of another upright X-ray pasted in, lam ~ Beta(alpha, alpha); 0: off.
+    cutmix_alpha: NonNegative
     # Loss weights of the second and third heads (pneumonia's is 1).
     subtype_weight: NonNegative
     orientation_weight: NonNegative

@@ -1,11 +1,11 @@
 """Stage: how far the model's metrics fall when the images look like other devices and exposures.
 
 Each shift (brightness, contrast, gamma, blur, noise, lower resolution, a tighter frame, histogram
-equalisation) is applied
-to the pixels of every evaluated split (validation, carved test, external); the serving artefact, with
-its calibration and threshold, is scored as it will be served, and the share of shifted X-rays its input
-gate would refuse is reported beside the metrics (which count every image). Outputs `reports/robustness.json` (a
-report, not a DVC metric: it has a row per shift and split) and `reports/robustness.png`.
+equalisation) is applied to the pixels of every evaluated split (validation, carved test, external); the
+serving artefact, with its calibration and threshold, is scored as it will be served, and the share of
+shifted X-rays its input gate would refuse is reported beside the metrics (which count every image).
+Outputs `reports/robustness.json` (a report, not a DVC metric: it has a row per shift and split) and
+`reports/robustness.png`.
 
 Under `served`, the external set's X-rays go through the whole serving path (`scoring.runtime.Predictor`:
 checks, orientation, gate) turned by 90, 180 and 270 degrees, mirrored, and with sensor noise: the share

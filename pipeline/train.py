@@ -149,7 +149,8 @@ def fit(params: TrainParams, seed: int, train: Split, val: Split, checkpoint: Pa
     ]
     model.fit(
         make_dataset(train.images, train.labels, train.subtypes, params.batch_size, seed, params.augment,
-                     params.orientation_rate, balanced_class_weights(train.labels), params.mixup_alpha),
+                     params.orientation_rate, balanced_class_weights(train.labels), params.mixup_alpha,
+                     params.cutmix_alpha),
         validation_data=make_dataset(val.images, val.labels, val.subtypes, params.batch_size, seed),
         epochs=params.epochs, callbacks=[*own, *(callbacks or [])], verbose=0,
     )

@@ -81,6 +81,17 @@ def test_without_calibration_it_is_the_keras_model(model, fixture_batch):
                                atol=2e-6)
 
 
+def test_a_residual_network_serves_as_keras_scores_it(fixture_batch):
+    residual = tiny_keras_model(orientation=None, residual=True)
+    names = [layer.name for layer in residual.layers]
+    # One addition per block; the width change of the first block goes through a projection.
+    assert [name for name in names if name.endswith("_add")] == ["block1_add", "block2_add"]
+    assert "block1_shortcut_conv" in names and "block2_shortcut_conv" in names
+    artefact = ServingArtefact(build(residual, decision()))
+    np.testing.assert_allclose(artefact.run(fixture_batch).probability, keras_probabilities(residual, fixture_batch),
+                               atol=2e-6)
+
+
 @pytest.mark.parametrize("towards_pneumonia", [True, False])
 def test_cam_equals_tensorflow_grad_cam_up_to_normalisation(model, fixture_batch, towards_pneumonia):
     artefact = ServingArtefact(build(model, decision(calibration=CALIBRATION)))

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.arrays import NO_SUBTYPE, VIRAL, Split
-from pipeline.model import _mixup, augment, balanced_class_weights, build_model, make_dataset, orient
+from pipeline.model import _cutmix, _mixup, augment, balanced_class_weights, build_model, make_dataset, orient
 from pipeline.params import AugmentParams
 from pipeline.preprocess import assign_splits, decode_all
 from pipeline.train import fit, history_key, make_deterministic
@@ -167,6 +167,37 @@ def test_mixup_blends_upright_pairs_and_their_diagnosis_targets_alike():
     differ = orientations != orientations[partner]
     np.testing.assert_array_equal(mixed_weights["orientation"], np.where(blended & differ, 0.0, 1.0))
     np.testing.assert_array_equal(mixed_targets["orientation"], orientations)
+
+
+def test_cutmix_pastes_a_rectangle_of_the_partner_and_blends_targets_by_area():
+    count, size = 16, 16
+    levels = np.arange(count, dtype=np.float32) * 13 + 10
+    images = tf.constant(np.broadcast_to(levels[:, None, None, None], (count, size, size, 1)))
+    labels = np.array([0, 1] * (count // 2), dtype=np.float32)
+    orientations = np.array([0, 0, 4, 0, 1, 0, 0, 4, 0, 0, 2, 0, 4, 4, 0, 0], dtype=np.int32)
+    turned = orientations % orientation.TURNS > 0
+    class_weight = np.where(labels == 1, 1.0, 2.0).astype(np.float32)
+    targets = {"pneumonia": tf.constant(labels[:, None]), "viral": tf.constant(labels[:, None] * 0),
+               "orientation": tf.constant(orientations)}
+    weights = {"pneumonia": tf.constant(class_weight), "viral": tf.constant(labels),
+               "orientation": tf.ones(count)}
+    mixed, mixed_targets, mixed_weights = _cutmix(images, targets, weights, seed_of(3, 9), alpha=1.0)
+    mixed = mixed.numpy()[..., 0]
+    partner = np.roll(np.arange(count), 1)
+    from_partner = mixed == levels[partner][:, None, None]
+    # Every pixel is the image's own or its partner's, and the partner's form one axis-aligned rectangle.
+    assert ((mixed == levels[:, None, None]) | from_partner).all()
+    for pasted in from_partner[from_partner.any(axis=(1, 2))]:
+        rows, columns = np.flatnonzero(pasted.any(axis=1)), np.flatnonzero(pasted.any(axis=0))
+        assert pasted[rows.min():rows.max() + 1, columns.min():columns.max() + 1].all()
+    own = 1 - from_partner.mean(axis=(1, 2))
+    cut = own < 1
+    assert cut.sum() >= 4 and not (cut & (turned | turned[partner])).any()
+    assert (own >= 0.5 - 1e-6).all()
+    np.testing.assert_allclose(mixed_targets["pneumonia"].numpy()[:, 0], own * labels + (1 - own) * labels[partner],
+                               atol=1e-5)
+    np.testing.assert_allclose(mixed_weights["pneumonia"].numpy(),
+                               own * class_weight + (1 - own) * class_weight[partner], atol=1e-5)
 
 
 def test_turned_images_teach_the_orientation_head_only():
