@@ -24,6 +24,18 @@ PROJECT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_DATASET = FIXTURES / "chest_xray"
 EXAMPLES = sorted((PROJECT / "examples").glob("*.png"))
+
+
+def docs_script(name: str):
+    """A tool of docs/ (not a package: its scripts import each other by file name) loaded as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, PROJECT / "docs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # Keras 3.15's model.save trips NumPy 2's __array__(copy=) deprecation inside Keras itself; nothing to act on.
 KERAS_SAVE_WARNING = "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 # Debian's Chromium (Playwright cannot download its own browsers here), quiet on a closed network.

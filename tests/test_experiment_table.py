@@ -7,24 +7,18 @@ writing, or a key it renames, shows as "n/a" here and fails the test.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import subprocess
 
 import pytest
 import yaml
 
-from tests.helpers import PROJECT
-
-SCRIPT = PROJECT / "docs" / "experiment_table.py"
+from tests.helpers import PROJECT, docs_script
 
 
 @pytest.fixture(scope="module")
 def table():
-    spec = importlib.util.spec_from_file_location("experiment_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return docs_script("experiment_table")
 
 
 def git(*args: str) -> str:

@@ -3,24 +3,18 @@ split into training, its oracle operating point, and its table of the committed 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
 from pipeline.arrays import NO_SUBTYPE, VIRAL, Split
-from tests.helpers import PROJECT, project_params
-
-SCRIPT = PROJECT / "docs" / "recipe_search.py"
+from tests.helpers import docs_script, project_params
 
 
 @pytest.fixture(scope="module")
 def search():
-    spec = importlib.util.spec_from_file_location("recipe_search", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return docs_script("recipe_search")
 
 
 def test_settings_override_the_recipe_and_unknown_ones_are_refused(search):
