@@ -80,11 +80,17 @@ def external_auc_callback(external, history: list[float]):
 
     class ExternalAuc(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logits = [logit(self.model.predict(view, batch_size=64, verbose=0)["pneumonia"].reshape(-1))
-                      for view in (pixels, pixels[:, :, ::-1])]
-            history.append(round(float(roc_auc_score(external.labels, np.mean(logits, axis=0))), 4))
+            history.append(round(float(roc_auc_score(external.labels, served_logit(self.model, pixels))), 4))
 
     return ExternalAuc()
+
+
+def served_logit(model, pixels: np.ndarray, mirrored: bool = True) -> np.ndarray:
+    """The pneumonia head's logit of each X-ray (`pixels`: N x H x W x 1), averaged with its mirror's as
+    serving does."""
+    views = (pixels, pixels[:, :, ::-1]) if mirrored else (pixels,)
+    return np.mean([logit(model.predict(view, batch_size=64, verbose=0)["pneumonia"].reshape(-1)) for view in views],
+                   axis=0)
 
 
 def logit(probabilities: np.ndarray) -> np.ndarray:

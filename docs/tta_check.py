@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 from PIL import Image
+from recipe_search import MODELS, served_logit
 
 SCALE = 1.1
 SHIFT = 6
@@ -37,13 +38,7 @@ def shifted(images: np.ndarray, rows: int, columns: int) -> np.ndarray:
 
 
 def logits(model, images: np.ndarray, mirrored: bool = True) -> np.ndarray:
-    pixels = images.astype(np.float32)[..., np.newaxis]
-    views = (pixels, pixels[:, :, ::-1]) if mirrored else (pixels,)
-    outputs = []
-    for view in views:
-        probability = np.clip(model.predict(view, batch_size=64, verbose=0)["pneumonia"].reshape(-1), 1e-7, 1 - 1e-7)
-        outputs.append(np.log(probability / (1 - probability)))
-    return np.mean(outputs, axis=0)
+    return served_logit(model, images.astype(np.float32)[..., np.newaxis], mirrored)
 
 
 def check(name: str) -> dict[str, float]:
@@ -54,7 +49,7 @@ def check(name: str) -> dict[str, float]:
     from pipeline.robustness import zoom_in
 
     external = load_split("external")
-    model = keras.models.load_model(f"models/recipe-search/{name}.keras", compile=False, safe_mode=True)
+    model = keras.models.load_model(MODELS / f"{name}.keras", compile=False, safe_mode=True)
     served = logits(model, external.images)
     views = {
         f"zoomed in x{SCALE}": logits(model, zoom_in(SCALE)(external.images, np.random.default_rng(0))),

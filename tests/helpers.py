@@ -27,11 +27,13 @@ EXAMPLES = sorted((PROJECT / "examples").glob("*.png"))
 
 
 def docs_script(name: str):
-    """A tool of docs/ (not a package: its scripts import each other by file name) loaded as a module."""
+    """A tool of docs/ loaded as a module. They are not a package: they import each other by file name, so
+    each loaded tool is registered under its name, and a tool's own imports are loaded first."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, PROJECT / "docs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
