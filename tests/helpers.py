@@ -27,8 +27,8 @@ EXAMPLES = sorted((PROJECT / "examples").glob("*.png"))
 
 
 def docs_script(name: str):
-    """A tool of docs/ loaded as a module. They are not a package: they import each other by file name, so
-    each loaded tool is registered under its name, and a tool's own imports are loaded first."""
+    """A tool of docs/ loaded as a module, registered under its name. They are not a package: they import
+    each other by file name, so a test loads the tool's siblings first (their registration resolves the imports)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, PROJECT / "docs" / f"{name}.py")
