@@ -175,11 +175,12 @@ def score(name: str, assignments: list[str], seed: int, model, splits: dict[str,
     import mlflow
 
     from pipeline.artefact import build
+    from pipeline.model import model_parts
     from scoring.decision import Decision
     from scoring.runtime import ServingArtefact
 
     size = int(model.input_shape[1])
-    crop = model.get_layer("centre_crop").height / size if "centre_crop" in [layer.name for layer in model.layers] else 1.0
+    crop = model_parts(model).crop
     served = ServingArtefact(build(model, Decision(0.5, "none", size, crop=crop)))
     scores = {split: served.scores(data.images) for split, data in splits.items() if split != "train"}
     external = splits["external"]

@@ -20,12 +20,11 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from pipeline.model import augment, build_model
+from pipeline.model import augment, build_model, model_parts
 from pipeline.params import AugmentParams, TrainParams
 
 logger = logging.getLogger(__name__)
 
-TRUNK_OUTPUT = "global_pool"
 PROJECTION_UNITS = 256
 BOTTLENECK_UNITS = 64
 BATCH_SIZE = 64
@@ -37,7 +36,7 @@ WEIGHT_DECAY = 5e-4
 
 def trunk_of(model: keras.Model) -> keras.Model:
     """The network from its input to its pooled features, sharing the layers (and weights) of `model`."""
-    return keras.Model(model.input, model.get_layer(TRUNK_OUTPUT).output, name="trunk")
+    return keras.Model(model.input, model_parts(model).pooled, name="trunk")
 
 
 def view_augmentation(settings: AugmentParams) -> AugmentParams:

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.model import ORIENTATION_OUTPUT_NAME, OUTPUT_NAME, SUBTYPE_OUTPUT_NAME
+from pipeline.model import ModelParts, ModelPartsError, model_parts
 from scoring.decision import (
     CAM_OUTPUT,
     INPUT_NAME,
@@ -44,11 +44,10 @@ from scoring.orientation import ORIENTATIONS
 log = logging.getLogger(__name__)
 
 OPSET = 17
-POOLING_LAYER = "global_pool"
 # The artefact must agree with the Keras model it came from to float rounding: the probability and the gate's
-# score to 1e-5 of their scale. The CAM is a sum over 128 channels of activations that cancel, so float32
-# rounding reaches ~1e-4 of its largest value on a noise probe (measured: 3.3e-4); it is shown normalised
-# to its range, and 1e-3 of the range is under one of the overlay's 256 colour levels.
+# score to 1e-5 of their scale. The CAM is a sum over the feature map's channels of activations that cancel,
+# so float32 rounding reaches ~1e-4 of its largest value on a noise probe (measured: 3.3e-4); it is shown
+# normalised to its range, and 1e-3 of the range is under one of the overlay's 256 colour levels.
 AGREEMENT_TOLERANCE = 1e-5
 CAM_TOLERANCE = 1e-3
 
@@ -57,26 +56,27 @@ class ArtefactError(RuntimeError):
     """The network cannot be turned into a serving artefact that agrees with it."""
 
 
+def parts(keras_model: keras.Model) -> ModelParts:
+    try:
+        return model_parts(keras_model)
+    except ModelPartsError as error:
+        raise ArtefactError(str(error)) from error
+
+
 def feature_map(keras_model: keras.Model):
     """The (symbolic) tensor global average pooling reduces: what the CAM is computed on."""
-    try:
-        return keras_model.get_layer(POOLING_LAYER).input
-    except ValueError as error:
-        raise ArtefactError(f"the model has no '{POOLING_LAYER}' layer: not this project's CNN") from error
+    return parts(keras_model).feature_map
 
 
-def _head(keras_model: keras.Model, name: str = OUTPUT_NAME, units: int = 1) -> keras.layers.Dense:
-    try:
-        head = keras_model.get_layer(name)
-    except ValueError as error:
-        raise ArtefactError(f"the model has no '{name}' head: not this project's CNN") from error
+def _head(keras_model: keras.Model, name: str = "pneumonia", units: int = 1) -> keras.layers.Dense:
+    head = parts(keras_model).heads[name]
     if not (isinstance(head, keras.layers.Dense) and head.units == units):
-        raise ArtefactError(f"the '{name}' head must be a dense layer of {units} units")
+        raise ArtefactError(f"the '{head.name}' head must be a dense layer of {units} units")
     return head
 
 
 def calibrated_head(keras_model: keras.Model, temperature: float, bias: float,
-                    name: str = OUTPUT_NAME) -> tuple[np.ndarray, float]:
+                    name: str = "pneumonia") -> tuple[np.ndarray, float]:
     """(weights, bias) of a one-unit head with sigmoid(logit / temperature + bias) folded in."""
     if not temperature > 0:
         raise ArtefactError(f"temperature must be positive, got {temperature}")
@@ -117,9 +117,9 @@ def serving_function(keras_model: keras.Model, temperature: float = 1.0, bias: f
     # Plain NumPy values, so the trace embeds them as constants rather than capturing graph inputs.
     weights, folded_bias = (np.float32(value) for value in calibrated_head(keras_model, temperature, bias))
     viral_weights, viral_bias = (np.float32(value) for value in
-                                 calibrated_head(keras_model, *subtype_calibration, name=SUBTYPE_OUTPUT_NAME))
+                                 calibrated_head(keras_model, *subtype_calibration, name="viral"))
     orientation_weights, orientation_bias = (
-        np.float32(value) for value in _head(keras_model, ORIENTATION_OUTPUT_NAME, len(ORIENTATIONS)).get_weights())
+        np.float32(value) for value in _head(keras_model, "orientation", len(ORIENTATIONS)).get_weights())
     constants = [(g.means.astype(np.float32), g.precision_factor.astype(np.float32), np.float32(g.means.shape[1]))
                  for g in gated]
 

@@ -259,15 +259,6 @@ def build_decision(report: dict[str, Any], params: EvaluateParams, keras_model,
     )
 
 
-def model_crop(keras_model) -> float:
-    """The central fraction the network sees (its `centre_crop` layer), for the CAM overlay."""
-    size = int(keras_model.input_shape[1])
-    try:
-        return keras_model.get_layer("centre_crop").height / size
-    except ValueError:
-        return 1.0
-
-
 def write_plot_data(labels: np.ndarray, scores: np.ndarray, threshold: float | np.ndarray, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "roc.json", roc_points(labels, scores))
@@ -355,9 +346,10 @@ def run(seed: int, params: EvaluateParams) -> dict[str, Any]:
     import keras  # here, not at the top: the fitting and reporting functions need no TensorFlow
 
     from pipeline import artefact
+    from pipeline.model import model_parts
 
     keras_model = keras.models.load_model(MODEL_FILE, compile=False, safe_mode=True)
-    crop = model_crop(keras_model)
+    crop = model_parts(keras_model).crop  # the central fraction the network sees, for the CAM overlay
     size = int(keras_model.input_shape[1])
     # The same ONNX graph as the final artefact, before calibration: evaluation scores what is served.
     uncalibrated = ServingArtefact(artefact.build(keras_model, Decision(0.5, "none", size, crop=crop)), "uncalibrated")

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.artefact import feature_map
-from pipeline.model import OUTPUT_NAME
+from pipeline.model import model_parts
 
 
 class GradCam:
@@ -21,7 +21,7 @@ class GradCam:
     sigmoid saturates to exactly 1.0 in float32, and its gradient to zero)."""
 
     def __init__(self, keras_model: keras.Model) -> None:
-        head = keras_model.get_layer(OUTPUT_NAME)
+        head = model_parts(keras_model).heads["pneumonia"]
         if not (isinstance(head, keras.layers.Dense) and head.units == 1):
             raise ValueError("Grad-CAM here needs a pneumonia head of one dense unit")
         self._head = head

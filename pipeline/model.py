@@ -11,12 +11,16 @@ One trunk, three heads on its pooled features:
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from pipeline import efficientnet
 from pipeline.arrays import NO_SUBTYPE
 from pipeline.params import AugmentParams, TrainParams
 from scoring.orientation import ORIENTATIONS
@@ -25,33 +29,134 @@ INPUT_NAME = "pixels"
 OUTPUT_NAME = "pneumonia_probability"
 SUBTYPE_OUTPUT_NAME = "viral_probability"
 ORIENTATION_OUTPUT_NAME = "orientation_probabilities"
+POOLING_LAYER = "global_pool"
+CROP_LAYER = "centre_crop"
+SCRATCH = "scratch"
+BACKBONES = (SCRATCH, *efficientnet.VARIANTS)
+# A typical training X-ray's grey-level spread (61) over ImageNet's input scale (128): per-image
+# standardisation times this feeds a pretrained trunk inputs of the spread it was trained on.
+XRAY_SPREAD = 0.48
 
 
-def build_model(input_size: int, params: TrainParams) -> keras.Model:
-    """Conv blocks (conv-BN-ReLU x convs_per_block, then max-pool), global pooling, one sigmoid unit.
-    With `residual`, each block's input is added back before its last ReLU (He et al. 2016).
+@dataclass(frozen=True)
+class ModelParts:
+    """How the export, the input gate, the heatmap and the tools find a network's parts: the one contract of
+    this builder, whatever the backbone.
 
-    normalization "per_image" standardises each image to zero mean and unit variance, so a darker or
-    flatter exposure reaches the convolutions looking like any other. `crop` < 1 keeps only that central
-    fraction of the side (borders hold markers and text, not lungs). `stem_filters` > 0 adds a strided
-    convolution first, so the blocks work at half of `image_size`.
+    - `feature_map`: the (symbolic) tensor global average pooling reduces: what the CAM is computed on;
+    - `stages`: the layers whose outputs are the trunk's stages, shallow to deep; the last is the feature map's;
+    - `pooled`: the pooled features the heads read (before dropout);
+    - `heads`: the dense head of each output (`pneumonia`, `viral`, `orientation`);
+    - `crop`: the central fraction of the input side the network sees.
     """
-    image_size, filters, crop = params.image_size, params.filters, params.crop
-    stride = 2 if params.stem_filters else 1
-    if image_size < stride * 2 ** len(filters):
-        raise ValueError(f"image_size {image_size} is too small for {len(filters)} pooling blocks")
+
+    feature_map: Any
+    stages: tuple[str, ...]
+    pooled: Any
+    heads: dict[str, layers.Dense]
+    crop: float
+
+
+class ModelPartsError(ValueError):
+    """The model was not built by `build_model`: it lacks a part the contract names."""
+
+
+def stage_output_name(stage: int) -> str:
+    return efficientnet.stage_output_name(stage)
+
+
+def model_parts(model: keras.Model) -> ModelParts:
+    names = [layer.name for layer in model.layers]
+    stages = tuple(sorted((name for name in names if re.fullmatch(r"stage\d+_output", name)),
+                          key=lambda name: int(name[5:].split("_")[0])))
+    missing = [name for name in (POOLING_LAYER, OUTPUT_NAME, SUBTYPE_OUTPUT_NAME, ORIENTATION_OUTPUT_NAME)
+               if name not in names]
+    if missing or not stages:
+        raise ModelPartsError(f"the model has no {', '.join(missing) or 'stage outputs'}: not this project's network")
+    heads = {head: model.get_layer(name) for head, name in
+             (("pneumonia", OUTPUT_NAME), ("viral", SUBTYPE_OUTPUT_NAME), ("orientation", ORIENTATION_OUTPUT_NAME))}
+    crop = model.get_layer(CROP_LAYER).height / int(model.input_shape[1]) if CROP_LAYER in names else 1.0
+    pooling = model.get_layer(POOLING_LAYER)
+    return ModelParts(pooling.input, stages, pooling.output, heads, crop)
+
+
+def build_model(input_size: int, params: TrainParams, pretrained: bool = True) -> keras.Model:
+    """The network for `params.backbone`: raw greyscale pixels in (resized, rescaled and normalised inside),
+    a convolutional trunk, global average pooling, dropout, and the three heads.
+
+    `scratch` is this project's own CNN (`_scratch_trunk`), trained from random weights; an
+    `efficientnet_lite*` backbone is the ImageNet-trained EfficientNet-Lite (`pipeline.efficientnet`), its
+    weights loaded when `pretrained`. Its stem and first `frozen_stages` stages are frozen (kept as ImageNet
+    left them, and cheaper: no gradients through the largest feature maps), and with `freeze_batch_norm`
+    every BatchNorm layer of the trunk keeps ImageNet's statistics (inference mode throughout).
+
+    normalization "per_image" standardises each image to zero mean and unit variance (times `XRAY_SPREAD` for
+    a pretrained trunk), so a darker or flatter exposure reaches the convolutions looking like any other;
+    "none" rescales to 0..1 (scratch) or as ImageNet did, (x - 127) / 128. `crop` < 1 keeps only that
+    central fraction of the side (borders hold markers and text, not lungs).
+    """
+    if params.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone '{params.backbone}': one of {', '.join(BACKBONES)}")
     inputs = keras.Input(shape=(input_size, input_size, 1), name=INPUT_NAME)
+    x = _prepare(inputs, params)
+    if params.backbone == SCRATCH:
+        features = _scratch_trunk(x, params)
+    else:
+        features, _ = efficientnet.trunk(x, params.backbone)
+        features = layers.Identity(name=stage_output_name(len(efficientnet.BASE_STAGES) + 1))(features)
+    x = layers.GlobalAveragePooling2D(name=POOLING_LAYER)(features)
+    x = layers.Dropout(params.dropout, name="dropout")(x)
+    outputs = {
+        "viral": layers.Dense(1, activation="sigmoid", name=SUBTYPE_OUTPUT_NAME)(x),
+        "orientation": layers.Dense(len(ORIENTATIONS), activation="softmax", name=ORIENTATION_OUTPUT_NAME)(x),
+        "pneumonia": layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(x),
+    }
+    model = keras.Model(inputs, outputs, name=f"pneumonia_{params.backbone}")
+    if params.backbone != SCRATCH:
+        if pretrained:
+            efficientnet.load_imagenet_weights(model, params.backbone)
+        _freeze(model, params)
+    return model
+
+
+def _prepare(inputs, params: TrainParams):
+    """Crop, resize and normalise raw 0..255 pixels as the trunk expects them."""
     x = inputs
-    if crop < 1.0:
-        kept = round(input_size * crop)
-        x = layers.CenterCrop(kept, kept, name="centre_crop")(x)
-    if image_size != x.shape[1]:
-        x = layers.Resizing(image_size, image_size, interpolation="bilinear", name="resize")(x)
-    x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+    if params.crop < 1.0:
+        kept = round(inputs.shape[1] * params.crop)
+        x = layers.CenterCrop(kept, kept, name=CROP_LAYER)(x)
+    if params.image_size != x.shape[1]:
+        x = layers.Resizing(params.image_size, params.image_size, interpolation="bilinear", name="resize")(x)
+    if params.backbone == SCRATCH:
+        x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+        return _standardise(x) if params.normalization == "per_image" else x
     if params.normalization == "per_image":
-        # A built-in layer (not a Lambda): models must load in Keras safe mode and convert to ONNX.
-        x = layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, epsilon=1e-5,
-                                      name="per_image_standardise")(x)
+        return layers.Rescaling(XRAY_SPREAD, name="imagenet_spread")(_standardise(x))
+    return layers.Rescaling(1.0 / efficientnet.INPUT_SCALE, offset=-efficientnet.INPUT_MEAN / efficientnet.INPUT_SCALE,
+                            name="imagenet_scale")(x)
+
+
+def _standardise(x):
+    # A built-in layer (not a Lambda): models must load in Keras safe mode and convert to ONNX.
+    return layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, epsilon=1e-5,
+                                     name="per_image_standardise")(x)
+
+
+def _freeze(model: keras.Model, params: TrainParams) -> None:
+    frozen = set(efficientnet.layers_up_to_stage(params.backbone, params.frozen_stages))
+    for layer in model.layers:
+        if layer.name in frozen or (params.freeze_batch_norm and isinstance(layer, layers.BatchNormalization)):
+            layer.trainable = False
+
+
+def _scratch_trunk(x, params: TrainParams):
+    """Conv blocks (conv-BN-ReLU x convs_per_block, then max-pool); each block's pooled output is a stage.
+    With `residual`, each block's input is added back before its last ReLU (He et al. 2016).
+    `stem_filters` > 0 adds a strided convolution first, so the blocks work at half of `image_size`."""
+    filters = params.filters
+    stride = 2 if params.stem_filters else 1
+    if params.image_size < stride * 2 ** len(filters):
+        raise ValueError(f"image_size {params.image_size} is too small for {len(filters)} pooling blocks")
     if params.stem_filters:
         x = layers.Conv2D(params.stem_filters, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(x)
         x = layers.BatchNormalization(momentum=0.9, name="stem_bn")(x)
@@ -67,14 +172,8 @@ def build_model(input_size: int, params: TrainParams) -> keras.Model:
                 x = layers.Add(name=f"block{block}_add")([x, _shortcut(block_input, width, block)])
             x = layers.ReLU(name=f"block{block}_relu{conv}")(x)
         x = layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
-    x = layers.GlobalAveragePooling2D(name="global_pool")(x)
-    x = layers.Dropout(params.dropout, name="dropout")(x)
-    outputs = {
-        "viral": layers.Dense(1, activation="sigmoid", name=SUBTYPE_OUTPUT_NAME)(x),
-        "orientation": layers.Dense(len(ORIENTATIONS), activation="softmax", name=ORIENTATION_OUTPUT_NAME)(x),
-        "pneumonia": layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(x),
-    }
-    return keras.Model(inputs, outputs, name="pneumonia_cnn")
+        x = layers.Identity(name=stage_output_name(block))(x)
+    return x
 
 
 def _shortcut(block_input: tf.Tensor, width: int, block: int) -> tf.Tensor:

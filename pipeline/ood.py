@@ -39,7 +39,7 @@ from sklearn.metrics import roc_auc_score
 from pipeline import artefact
 from pipeline.arrays import has_split, load_split
 from pipeline.common import setup_logging, stage_errors, write_json
-from pipeline.model import OUTPUT_NAME
+from pipeline.model import model_parts
 from pipeline.params import OodParams, stage_params
 from pipeline.paths import ARTEFACT_FILE, CALIBRATED_FILE, MODEL_FILE, OOD_FILE
 from scoring import checks
@@ -69,15 +69,15 @@ class Features:
 
 
 def block_outputs(keras_model: keras.Model, blocks: int) -> list[str]:
-    """The last `blocks` pooling layers' names (`blockN_pool`)."""
-    names = [layer.name for layer in keras_model.layers if layer.name.startswith("block") and layer.name.endswith("_pool")]
+    """The last `blocks` stage outputs' layer names (the model's parts, `pipeline.model.model_parts`)."""
+    names = model_parts(keras_model).stages
     if blocks > len(names):
-        raise ValueError(f"ood.blocks is {blocks}, but the network has {len(names)} blocks")
-    return names[-blocks:]
+        raise ValueError(f"ood.blocks is {blocks}, but the network has {len(names)} stages")
+    return list(names[-blocks:])
 
 
 def network_features(keras_model: keras.Model, layers: list[str], images, batch_size: int = 64) -> Features:
-    head = keras_model.get_layer(OUTPUT_NAME)
+    head = model_parts(keras_model).heads["pneumonia"]
     pooled_layers = [keras.layers.GlobalAveragePooling2D()(keras_model.get_layer(name).output) for name in layers]
     extractor = keras.Model(keras_model.inputs, [*pooled_layers, head.input])
     size = int(keras_model.input_shape[1])

