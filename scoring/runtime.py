@@ -9,6 +9,7 @@ accept, refuse and label the same files the same way. No TensorFlow anywhere on 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,11 @@ class ArtefactLoadError(RuntimeError):
 
 
 class ServingArtefact:
-    """The ONNX graph (calibrated probability and CAM per image) and the decision it carries."""
+    """The ONNX graph (calibrated probability and CAM per image) and the decision it carries.
+
+    It keeps the exact bytes it was built from (`onnx_bytes`) and their `sha256`: what the on-device page
+    sends to the browser is then the very model the server scores with, however it was loaded (a file, or a
+    registry download whose scratch folder is gone by the time anyone asks)."""
 
     def __init__(self, onnx_model: bytes, source: str = "") -> None:
         import onnxruntime
@@ -69,7 +74,8 @@ class ServingArtefact:
         if not needed <= outputs:
             raise ArtefactLoadError(f"{source or 'the model'} lacks the outputs {sorted(needed - outputs)}")
         self.source = source
-        self.size_bytes = len(onnx_model)
+        self.onnx_bytes = bytes(onnx_model)
+        self.sha256 = hashlib.sha256(self.onnx_bytes).hexdigest()
 
     @classmethod
     def from_file(cls, path: Path) -> ServingArtefact:

@@ -21,11 +21,9 @@ Gradio builds its FastAPI app at launch, so the routes reach it through `launch(
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +49,7 @@ from scoring.decision import (
     Decision,
 )
 from scoring.orientation import ORIENTATIONS, UPRIGHT
-from scoring.runtime import UPRIGHT_NOTE
+from scoring.runtime import UPRIGHT_NOTE, ServingArtefact
 from serving import overlay
 from serving.card import NOT_A_DEVICE
 
@@ -234,44 +232,25 @@ def overlay_palette() -> list[int]:
     return np.round(levels).astype(np.uint8).ravel().tolist()
 
 
-class ServedModel:
-    """The artefact file's bytes, read once for the artefact the service loaded, with their digest."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._artefact: Any = None
-        self._bytes = b""
-        self._sha256 = ""
-
-    def get(self, artefact: Any) -> tuple[bytes, str]:
-        with self._lock:
-            if artefact is not self._artefact:
-                source = Path(getattr(artefact, "source", "") or "")
-                if not source.is_file():
-                    raise ModelNotServable("the served model was not loaded from a file, so it cannot be sent "
-                                           "to the browser")
-                data = source.read_bytes()
-                if len(data) != getattr(artefact, "size_bytes", len(data)):
-                    raise ModelNotServable("the model file changed after the server loaded it: restart the app")
-                self._artefact, self._bytes, self._sha256 = artefact, data, hashlib.sha256(data).hexdigest()
-            return self._bytes, self._sha256
-
-
 class ModelNotServable(RuntimeError):
     """The page cannot get the model: a one-line reason."""
 
 
-def page_config(service: Any, settings: PageSettings, served: ServedModel) -> dict[str, Any]:
+def served_artefact(service: Any) -> ServingArtefact:
+    """The artefact the server scores with: its bytes are what the page gets. Raises ModelNotServable."""
+    if not service.ready:
+        raise ModelNotServable(f"no model is loaded on the server: {service.problem}")
+    return service.predictor.artefact
+
+
+def page_config(service: Any, settings: PageSettings) -> dict[str, Any]:
     """What the page needs to decide as the server does. Raises ModelNotServable."""
     if not assets_built():
         raise ModelNotServable("the on-device runtime is not built on this server (run `make web`)")
-    if not service.ready:
-        raise ModelNotServable(f"no model is loaded on the server: {service.problem}")
-    artefact = service.predictor.artefact
-    data, digest = served.get(artefact)
+    artefact = served_artefact(service)
     return {
         "decision": json.loads(artefact.decision.to_json()),
-        "model": {"url": "model.onnx", "bytes": len(data), "sha256": digest},
+        "model": {"url": "model.onnx", "bytes": len(artefact.onnx_bytes), "sha256": artefact.sha256},
         "tensors": {"input": INPUT_NAME, "probability": PROBABILITY_OUTPUT, "cam": CAM_OUTPUT, "ood": OOD_OUTPUT,
                     "viral": VIRAL_OUTPUT, "orientation": ORIENTATION_OUTPUT},
         "words": page_words(artefact.decision),
@@ -309,12 +288,11 @@ def api_docs_path(app: Any) -> str:
 def routes(service: Any, settings: PageSettings | None = None) -> list[BaseRoute]:
     """The page's routes, under PREFIX: config.json, model.onnx and the fixed list of assets."""
     settings = settings or PageSettings()
-    served = ServedModel()
     files = asset_paths()
 
     def config(request: Request) -> Response:
         try:
-            found = page_config(service, settings, served)
+            found = page_config(service, settings)
             found["api_docs"] = api_docs_path(request.scope.get("app"))
             return JSONResponse(found, headers=NO_STORE)
         except ModelNotServable as error:
@@ -326,16 +304,16 @@ def routes(service: Any, settings: PageSettings | None = None) -> list[BaseRoute
 
     def model(request: Request) -> Response:
         try:
-            if not service.ready:
-                raise ModelNotServable(f"no model is loaded on the server: {service.problem}")
-            data, digest = served.get(service.predictor.artefact)
+            artefact = served_artefact(service)
         except ModelNotServable as error:
             return JSONResponse({"error": str(error)}, status_code=503, headers=NO_STORE)
-        etag = f'"{digest}"'
+        # The bytes the server's own session was built from, kept in memory: never a file read again (a
+        # registry model's download is gone once loaded), so the page cannot get another model than this one.
+        etag = f'"{artefact.sha256}"'
         headers = {**REVALIDATE, "ETag": etag}
         if etag in request.headers.get("if-none-match", ""):
             return Response(status_code=304, headers=headers)
-        return Response(data, media_type="application/octet-stream", headers=headers)
+        return Response(artefact.onnx_bytes, media_type="application/octet-stream", headers=headers)
 
     def asset(request: Request) -> Response:
         path = files.get(request.path_params["name"])

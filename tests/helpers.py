@@ -121,6 +121,39 @@ def write_tiny_bundle(folder: Path, threshold: float = 0.5, orientation: int | N
     return write_bundle(build(model, Decision(**values)), Path(folder))
 
 
+def register_production(folder: Path, bundle: Path, experiment: str = "tests") -> tuple[str, Path]:
+    """A SQLite MLflow store in `folder` whose production model (`models:/pneumonia-cnn@production`, version 1)
+    is `bundle`'s artefact, stamped with that name and version and logged as the register stage logs it (the
+    project's pyfunc). Returns the store's tracking URI and the registered artefact file: the exact bytes
+    every way of serving the alias scores with."""
+    import mlflow
+
+    from pipeline.register import log_serving_model
+    from scoring.decision import write as stamp
+    from scoring.locations import MODEL_NAME, PRODUCTION_ALIAS
+    from scoring.runtime import ServingArtefact
+    from scoring.store import ARTEFACT_NAME
+
+    uri = f"sqlite:///{(folder / 'mlflow.db').as_posix()}"
+    artefact = folder / "registered" / ARTEFACT_NAME  # the pyfunc's artifacts keep the file's name
+    artefact.parent.mkdir()
+    original = (bundle / "model.onnx").read_bytes()
+    artefact.write_bytes(stamp(original, ServingArtefact(original).decision.registered(MODEL_NAME, "1")))
+    with pytest.MonkeyPatch.context() as patch:
+        # Both: an earlier test's store may still be MLflow's registry (set_registry_uri writes the environment).
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_REGISTRY_URI", uri)
+        patch.chdir(PROJECT)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=(folder / "mlruns").as_uri())
+        with mlflow.start_run(experiment_id=experiment_id) as active:
+            pass
+        version = mlflow.register_model(log_serving_model(active.info.run_id, artefact), MODEL_NAME)
+        mlflow.MlflowClient().set_registered_model_alias(MODEL_NAME, PRODUCTION_ALIAS, version.version)
+    return uri, artefact
+
+
 # --------------------------------------------------------------------------------------------------
 # A launched app
 

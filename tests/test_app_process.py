@@ -36,12 +36,18 @@ def as_with_nohup() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
-def start_app(model: Path, tmp: Path, starter=as_from_a_terminal) -> tuple[subprocess.Popen, str]:
+def start_app(model: Path | None, tmp: Path, starter=as_from_a_terminal, args: tuple[str, ...] = (),
+              env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`python app.py --port PORT *args` serving `model` (None: no PNEUMONIA_MODEL_URI, so the app's own
+    default, the registry's production alias, in the store `env` names), once it answers HTTP."""
     tmp.mkdir(exist_ok=True)
     port = free_port()
-    env = {**os.environ, "TMPDIR": str(tmp), "PNEUMONIA_MODEL_URI": str(model)}
+    env = {**os.environ, **(env or {}), "TMPDIR": str(tmp)}
+    env.pop("PNEUMONIA_MODEL_URI", None)
+    if model is not None:
+        env["PNEUMONIA_MODEL_URI"] = str(model)
     env.pop("GRADIO_TEMP_DIR", None)  # as on a real machine: the app picks its own private folder
-    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=PROJECT, env=env,
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), *args], cwd=PROJECT, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                preexec_fn=starter)  # noqa: PLW1509 (it only sets signal dispositions)
     url = f"http://127.0.0.1:{port}/"

@@ -738,7 +738,7 @@ def serve_model_to_page(context, bundle: Path):
 
     predictor = Predictor(ServingArtefact.from_file(bundle / "model.onnx"))
     service = SimpleNamespace(ready=True, predictor=predictor, problem=None)
-    config = ondevice.page_config(service, ondevice.PageSettings(max_file_bytes=MAX_FILE_BYTES), ondevice.ServedModel())
+    config = ondevice.page_config(service, ondevice.PageSettings(max_file_bytes=MAX_FILE_BYTES))
     config["api_docs"] = ondevice.API_PAGE
     data = (bundle / "model.onnx").read_bytes()
     context.route("**/ondevice/config.json*", lambda route: route.fulfill(

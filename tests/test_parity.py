@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,7 +24,17 @@ from PIL import Image
 
 from scoring.runtime import RECORD_FIELDS
 from tests import image_factory as factory
-from tests.helpers import EXAMPLES, PROJECT, client_for, free_port, launched, run, write, write_tiny_bundle
+from tests.helpers import (
+    EXAMPLES,
+    PROJECT,
+    client_for,
+    free_port,
+    launched,
+    register_production,
+    run,
+    write,
+    write_tiny_bundle,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,36 +44,14 @@ UPSIDE_DOWN = 2
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Iterator[str]:
+def store(tmp_path_factory) -> str:
     """A temporary MLflow store whose production model is a tiny artefact, registered as the stage does. Its
     orientation head finds every image upside down, so every path must turn each file back before scoring
     it and say so; it has a triage band and a subtype threshold inside its range of probabilities."""
-    import mlflow
-
-    from pipeline.register import log_serving_model
-    from scoring.decision import write as stamp
-    from scoring.runtime import ServingArtefact
-
-    folder = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{(folder / 'mlflow.db').as_posix()}"
-    artefact = tmp_path_factory.mktemp("artefact") / "model.onnx"
     bundle = write_tiny_bundle(tmp_path_factory.mktemp("bundle"), threshold=0.5, orientation=UPSIDE_DOWN,
                                subtype_threshold=0.5, triage={"normal_below": 0.45, "pneumonia_from": 0.55})
-    original = (bundle / "model.onnx").read_bytes()
-    artefact.write_bytes(stamp(original, ServingArtefact(original).decision.registered("pneumonia-cnn", "1")))
-    with pytest.MonkeyPatch.context() as patch:
-        # Both: an earlier test's store may still be MLflow's registry (set_registry_uri writes the environment).
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.setenv("MLFLOW_REGISTRY_URI", uri)
-        patch.chdir(PROJECT)
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        experiment = mlflow.create_experiment("parity", artifact_location=(folder / "mlruns").as_uri())
-        with mlflow.start_run(experiment_id=experiment) as active:
-            pass
-        version = mlflow.register_model(log_serving_model(active.info.run_id, artefact), "pneumonia-cnn")
-        mlflow.MlflowClient().set_registered_model_alias("pneumonia-cnn", "production", version.version)
-        yield uri
+    uri, _ = register_production(tmp_path_factory.mktemp("store"), bundle, experiment="parity")
+    return uri
 
 
 @pytest.fixture(scope="module")
