@@ -191,6 +191,7 @@ def score(name: str, assignments: list[str], seed: int, model, splits: dict[str,
                                     for s in SENSITIVITIES},
         "external_viral_roc_auc": viral_auc(external, scores["external"].viral, seed),
         "external_normal_logit_shift_when_zoomed": framing_shift(served, external, scores["external"].probability),
+        "external_out_of_fold": as_reported(external, scores["external"].probability, seed),
     }
     if log_to_mlflow:
         mlflow.log_params({"settings": " ".join(assignments) or "(params.yaml)", "seed": seed})
@@ -198,6 +199,24 @@ def score(name: str, assignments: list[str], seed: int, model, splits: dict[str,
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
+
+
+def as_reported(split, raw: np.ndarray, seed: int) -> dict[str, float]:
+    """The external figures the pipeline would report for this network: calibration, threshold and triage
+    band fitted by params.yaml's evaluate rules, out of fold by patient; and the log loss of those
+    out-of-fold calibrated probabilities (what ranking alone does not show)."""
+    from sklearn.metrics import log_loss
+
+    from pipeline.evaluate import cross_fitted
+    from pipeline.metrics import point_metrics, triage_metrics
+    from pipeline.params import load_params
+
+    reported = cross_fitted(split, raw, load_params().evaluate, seed)
+    figures = point_metrics(split.labels, reported.probabilities, reported.thresholds)
+    result = {name: round(float(figures[name]), 4) for name in ("accuracy", "sensitivity", "specificity", "ece")}
+    result["log_loss"] = round(float(log_loss(split.labels, np.clip(reported.probabilities, 1e-7, 1 - 1e-7))), 4)
+    return {**result, **triage_metrics(split.labels, reported.probabilities, reported.normal_below,
+                                       reported.pneumonia_from)}
 
 
 def framing_shift(served, split, probability: np.ndarray) -> dict[str, float]:

@@ -21,13 +21,18 @@ The decision metadata (`scoring.decision`) is written into the graph's metadata.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from pipeline.common import write_atomically
 from pipeline.model import ModelParts, ModelPartsError, model_parts
 from scoring.decision import (
     CAM_OUTPUT,
@@ -105,6 +110,25 @@ class Gate:
 
     def score(self, pooled: list[np.ndarray]) -> np.ndarray:
         return sum(layer.distance(features) for layer, features in zip(self.layers, pooled))
+
+    def write(self, path: Path, rule: dict[str, Any]) -> None:
+        """The gate's arrays and `rule` (what the decision records of it: its limit, the orientation rule)."""
+        arrays = {}
+        for index, layer in enumerate(self.layers):
+            arrays[f"means_{index}"], arrays[f"precision_factor_{index}"] = layer.means, layer.precision_factor
+        record = {"layers": [layer.layer for layer in self.layers], "rule": rule}
+        buffer = io.BytesIO()
+        np.savez(buffer, record=np.array(json.dumps(record)), **arrays)
+        write_atomically(path, buffer.getvalue())
+
+    @classmethod
+    def read(cls, path: Path) -> tuple[Gate, dict[str, Any]]:
+        """(the gate, its rule) as `write` left them."""
+        with np.load(path, allow_pickle=False) as stored:
+            record = json.loads(str(stored["record"]))
+            layers = tuple(LayerGate(name, stored[f"means_{index}"], stored[f"precision_factor_{index}"])
+                           for index, name in enumerate(record["layers"]))
+        return cls(layers), record["rule"]
 
 
 def serving_function(keras_model: keras.Model, temperature: float = 1.0, bias: float = 0.0,

@@ -76,10 +76,15 @@ def _under_any(path: str, folders_or_files: list[str]) -> bool:
 
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON atomically, so a killed stage never leaves a half-written file behind."""
+    write_atomically(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """`data` at `path`, or the old file there if the stage is killed on the way: never half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    partial.write_bytes(data)
     partial.replace(path)
 
 

@@ -1,4 +1,4 @@
-"""Stage: calibrate, choose the threshold, measure every split with bootstrap CIs, write the serving artefact.
+"""Stage: calibrate, choose the threshold, measure every split with bootstrap CIs, write the decision.
 
 Calibration (`evaluate.calibration`) and the threshold (`evaluate.threshold_rule`) are fitted on
 `evaluate.calibration_split`: validation, or the external set (the site the model will see). The split
@@ -12,14 +12,15 @@ The same split also fits the two heads beside the diagnosis, each reported out o
   triaged NORMAL or PNEUMONIA reach `evaluate.triage_accuracy` and `evaluate.triage_sensitivity`.
 Errors are also broken down by subgroup (normal `IM-*` / `NORMAL2-*` files, bacterial / viral).
 
-Outputs: `models/calibrated.onnx` (the serving artefact, calibration folded in, the decision in its
-metadata; the ood stage adds the input gate), `reports/metrics.json` (headline figures: `dvc metrics show`), `reports/evaluation.json`
+Outputs: `models/decision.json` (the decision: threshold, calibration, triage and the figures the model card
+shows; the assemble stage puts it into the serving artefact), `reports/metrics.json` (headline figures: `dvc metrics show`), `reports/evaluation.json`
 (every metric with its CI), `reports/plots/` (DVC plots) and `reports/figures/` (PNGs, which need no CDN).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,7 +47,7 @@ from pipeline.metrics import (
 )
 from pipeline.params import EvaluateParams, ParamsError, stage_params
 from pipeline.paths import (
-    CALIBRATED_FILE,
+    DECISION_FILE,
     EVALUATION_FILE,
     FIGURES_DIR,
     MANIFEST_FILE,
@@ -338,7 +339,7 @@ def log_to_training_run(report: dict[str, Any], figures: list[Path]) -> None:
         for figure in figures:
             mlflow.log_artifact(str(figure), artifact_path="evaluation")
         mlflow.log_artifact(str(EVALUATION_FILE), artifact_path="evaluation")
-        mlflow.log_artifact(str(CALIBRATED_FILE), artifact_path="serving")
+        mlflow.log_artifact(str(DECISION_FILE), artifact_path="serving")
 
 
 def run(seed: int, params: EvaluateParams) -> dict[str, Any]:
@@ -359,8 +360,7 @@ def run(seed: int, params: EvaluateParams) -> dict[str, Any]:
     report["subgroups"] = {name: subgroups(splits[name], reported[name], split_files(name)) for name in splits}
     report["train"] = read_json(TRAIN_SUMMARY_FILE)
     decision = build_decision(report, params, keras_model, crop)
-    CALIBRATED_FILE.parent.mkdir(parents=True, exist_ok=True)
-    CALIBRATED_FILE.write_bytes(artefact.build(keras_model, decision))
+    write_json(DECISION_FILE, json.loads(decision.to_json()))
     write_json(EVALUATION_FILE, report)
     write_json(METRICS_FILE, headline(report))
     figures = []

@@ -1,5 +1,5 @@
 """Stage: the input gate. Is it a chest X-ray? Fit the gate and other candidate out-of-distribution scores,
-measure them side by side, and build the final serving artefact with the gate inside it.
+and measure them side by side; decide whether the orientation output is used.
 
 - Candidates, all computed from what the network already sees:
   - `mahalanobis`: squared Mahalanobis distance (per feature) of globally pooled block outputs to the nearer
@@ -9,42 +9,35 @@ measure them side by side, and build the final serving artefact with the gate in
   - `pca`: reconstruction error of the 32 x 32 image by the training images' leading principal components
     (a linear autoencoder).
 - The limit is set on X-rays only: the `ood.accept_rate` quantile of the validation images' scores.
-- Outlier sets come from what installed packages ship (no downloads). Far: natural images of scikit-image,
-  scikit-learn and matplotlib (in colour and in grey), and synthetic noise, gradients, text and
-  checkerboards. Near: pydicom's other-modality test files, and validation X-rays rotated, inverted or
-  cropped to a quarter. AUROCs are reported on the `tune` outliers (synthetic and scikit-learn) apart from
-  the other far ones and the near ones.
-- The gate is not chosen here: it is always `mahalanobis` summed over the last `ood.blocks` blocks
+- Outlier sets come from what installed packages ship (`pipeline.outliers`). AUROCs are reported on the
+  `tune` outliers (synthetic and scikit-learn) apart from the other far ones and the near ones.
+- The gate is not chosen here: it is always `mahalanobis` summed over the last `ood.blocks` stages
   (`CHOSEN`); the other candidates are measured beside it, for comparison only.
 - Every outlier goes through the serving path's decoding and plausibility checks first: "diagnosed" is
   what would really get a label.
 
-Outputs: `models/serving.onnx` (the calibrated artefact plus the gate) and `reports/ood.json`.
+Outputs: `models/gate.npz` (the gate's class means and precision factors, with its rule: the limit and the
+orientation confidence, which the assemble stage writes into the decision) and `reports/ood.json`.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
 from sklearn.metrics import roc_auc_score
 
 from pipeline import artefact
 from pipeline.arrays import has_split, load_split
 from pipeline.common import setup_logging, stage_errors, write_json
 from pipeline.model import model_parts
+from pipeline.outliers import decode_for_gate, outlier_sets, rate
 from pipeline.params import OodParams, stage_params
-from pipeline.paths import ARTEFACT_FILE, CALIBRATED_FILE, MODEL_FILE, OOD_FILE
-from scoring import checks
-from scoring.imaging import ImageDecodeError, decode_greyscale, resize_grey
-from scoring.runtime import Predictor, ServingArtefact
+from pipeline.paths import GATE_FILE, MODEL_FILE, OOD_FILE
+from scoring.imaging import resize_grey
 
 log = logging.getLogger(__name__)
 
@@ -131,140 +124,8 @@ def _small(images: np.ndarray) -> np.ndarray:
 # Outlier sets, from what installed packages ship
 
 
-@dataclass(frozen=True)
-class Outlier:
-    name: str
-    source: str  # where it comes from: tune on some sources, report on the others
-    kind: str  # far or near
-    data: bytes
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _pictures(source: str, pictures: Iterator[tuple[str, np.ndarray]]) -> Iterator[Outlier]:
-    """Each picture as a file, in colour (as shipped) and as a greyscale copy, which the colour check
-    cannot catch."""
-    for name, pixels in pictures:
-        image = Image.fromarray(np.asarray(pixels))
-        image = image.convert("RGB") if image.mode not in ("L", "RGB") else image
-        yield Outlier(f"{source}/{name}", source, "far", _png(image))
-        if image.mode != "L":
-            yield Outlier(f"{source}/{name} (grey)", source, "far", _png(image.convert("L")))
-
-
-def scikit_image_pictures() -> Iterator[tuple[str, np.ndarray]]:
-    import skimage.data
-
-    folder = Path(skimage.data.__file__).parent
-    for path in sorted(folder.glob("*.png")) + sorted(folder.glob("*.jpg")):
-        with Image.open(path) as image:
-            yield path.stem, np.asarray(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
-
-
-def scikit_learn_pictures() -> Iterator[tuple[str, np.ndarray]]:
-    from sklearn.datasets import load_sample_images
-
-    sample = load_sample_images()
-    for name, pixels in zip(sample.filenames, sample.images):
-        yield Path(name).stem, pixels
-
-
-def matplotlib_pictures() -> Iterator[tuple[str, np.ndarray]]:
-    import matplotlib
-
-    folder = Path(matplotlib.get_data_path()) / "sample_data"
-    for path in sorted(folder.glob("*.png")) + sorted(folder.glob("*.jpg")):
-        with Image.open(path) as image:
-            yield path.stem, np.asarray(image.convert("RGB"))
-
-
-def synthetic_pictures(seed: int) -> Iterator[tuple[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    size = 256
-    ramp = np.linspace(0, 255, size)
-    y, x = np.mgrid[0:size, 0:size]
-    yield "uniform noise", rng.integers(0, 256, (size, size), dtype=np.uint8)
-    yield "gaussian noise", np.clip(rng.normal(128, 40, (size, size)), 0, 255).astype(np.uint8)
-    yield "horizontal gradient", np.tile(ramp, (size, 1)).astype(np.uint8)
-    yield "radial gradient", np.clip(255 - np.hypot(x - size / 2, y - size / 2) * 1.6, 0, 255).astype(np.uint8)
-    for cells in (4, 16, 64):
-        yield f"checkerboard {cells}", (((x // (size // cells)) + (y // (size // cells))) % 2 * 255).astype(np.uint8)
-    for lines in (6, 20):
-        page = Image.new("L", (size, size), 245)
-        draw = ImageDraw.Draw(page)
-        for line in range(lines):
-            draw.text((8, 4 + line * (size // lines)), "Patient report: findings within normal limits " * 2, fill=20)
-        yield f"text page {lines} lines", np.asarray(page)
-    shapes = Image.new("L", (size, size), 30)
-    draw = ImageDraw.Draw(shapes)
-    for _ in range(12):
-        box = sorted(rng.integers(0, size, 2)), sorted(rng.integers(0, size, 2))
-        draw.ellipse([box[0][0], box[1][0], box[0][1], box[1][1]], fill=int(rng.integers(60, 255)))
-    yield "random ellipses", np.asarray(shapes)
-
-
-def pydicom_files() -> Iterator[Outlier]:
-    """pydicom's own test files that hold an image of another modality than a chest radiograph."""
-    import pydicom
-    from pydicom.data import get_testdata_files
-
-    for path in sorted(get_testdata_files(), key=lambda p: Path(p).name):
-        try:
-            modality = str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality", ""))
-        except Exception:  # noqa: BLE001, S112 (malformed test files are the decoder's tests, not ours)
-            continue
-        if modality and modality not in ("CR", "DX"):
-            yield Outlier(f"pydicom/{Path(path).name} ({modality})", "pydicom", "near", Path(path).read_bytes())
-
-
-def transformed_xrays(images: np.ndarray, count: int = 60) -> Iterator[Outlier]:
-    """Validation X-rays made into what is no longer a usable X-ray: inverted, or a quarter of one. (Turned
-    and mirrored X-rays are not outliers: serving puts them back upright; `pipeline.robustness` reports
-    them.)"""
-    step = max(1, len(images) // count)
-    transforms: dict[str, Callable[[Image.Image], Image.Image]] = {
-        "inverted": ImageOps.invert,
-        "quarter": lambda image: image.crop((0, 0, image.width // 2, image.height // 2)),
-    }
-    for index in range(0, len(images), step)[:count]:
-        image = Image.fromarray(images[index])
-        for name, transform in transforms.items():
-            yield Outlier(f"x-ray {index} {name}", f"x-ray {name}", "near", _png(transform(image)))
-
-
-def outlier_sets(seed: int, val_images: np.ndarray) -> list[Outlier]:
-    outliers = list(_pictures("synthetic", synthetic_pictures(seed)))
-    outliers += _pictures("scikit-learn", scikit_learn_pictures())
-    outliers += _pictures("scikit-image", scikit_image_pictures())
-    outliers += _pictures("matplotlib", matplotlib_pictures())
-    outliers += pydicom_files()
-    outliers += transformed_xrays(val_images)
-    return outliers
-
-
 # --------------------------------------------------------------------------------------------------
 # Measuring
-
-
-def decode_for_gate(outliers: list[Outlier]) -> tuple[list[Outlier], np.ndarray, dict[str, int]]:
-    """(the outliers that reach the model, their decoded images, counts of those refused before it)."""
-    reached, images, refused = [], [], {"undecodable": 0, "plausibility checks": 0}
-    for outlier in outliers:
-        try:
-            grey = decode_greyscale(outlier.data)
-        except ImageDecodeError:
-            refused["undecodable"] += 1
-            continue
-        if checks.implausibility(outlier.data, grey):
-            refused["plausibility checks"] += 1
-            continue
-        reached.append(outlier)
-        images.append(grey)
-    return reached, images, refused
 
 
 def auroc(inliers: np.ndarray, outliers: np.ndarray) -> float | None:
@@ -300,7 +161,7 @@ def evaluate_gate(seed: int, params: OodParams, keras_model: keras.Model) -> tup
         "x_rays_accepted": {split: round(float(np.mean(values[CHOSEN] <= limit)), 4) for split, values in xrays.items()},
         "x_ray_images": {split: len(values[CHOSEN]) for split, values in xrays.items()},
         "outliers": len(outliers), "refused_before_the_model": refused_before,
-        "diagnosed_rate": {kind: _rate([o.name in diagnosed for o in outliers if o.kind == kind])
+        "diagnosed_rate": {kind: rate([o.name in diagnosed for o in outliers if o.kind == kind])
                            for kind in ("far", "near")},
         "auroc": {}, "by_source": {},
     }
@@ -315,27 +176,10 @@ def evaluate_gate(seed: int, params: OodParams, keras_model: keras.Model) -> tup
         members = [outlier for outlier in outliers if outlier.source == source]
         report["by_source"][source] = {
             "files": len(members), "reached_the_model": int(mask.sum()),
-            "diagnosed_rate": _rate([outlier.name in diagnosed for outlier in members]),
+            "diagnosed_rate": rate([outlier.name in diagnosed for outlier in members]),
             "auroc_vs_x_rays": {name: auroc(all_xrays[name], values[mask]) for name, values in scores.items()},
         }
     return gate, limit, report
-
-
-def _rate(flags: list[bool]) -> float | None:
-    return round(float(np.mean(flags)), 4) if flags else None
-
-
-def served_outcomes(serving: bytes, seed: int) -> dict[str, Any]:
-    """What the final artefact's serving path (checks, orientation, gate) does with every outlier: the share
-    given a diagnosis, by kind and by source. The gate's candidates above are compared on the gate's score
-    alone; this is what a user would see."""
-    outliers = outlier_sets(seed, load_split("val").images)
-    results = Predictor(ServingArtefact(serving)).predict((outlier.name, outlier.data) for outlier in outliers)
-    diagnosed = {result.name for result in results if result.scored}
-    return {"diagnosed_rate": {kind: _rate([o.name in diagnosed for o in outliers if o.kind == kind])
-                               for kind in ("far", "near")},
-            "diagnosed_by_source": {source: _rate([o.name in diagnosed for o in outliers if o.source == source])
-                                    for source in sorted({outlier.source for outlier in outliers})}}
 
 
 # The orientation output is used only if it is sure of the upright orientation of at least this share of the
@@ -363,15 +207,12 @@ def orientation_check(keras_model: keras.Model, confidence: float) -> tuple[floa
 
 def run(seed: int, params: OodParams) -> dict[str, Any]:
     keras_model = keras.models.load_model(MODEL_FILE, compile=False, safe_mode=True)
-    calibrated = ServingArtefact.from_file(CALIBRATED_FILE).decision
     gate, limit, report = evaluate_gate(seed, params, keras_model)
     confidence, report["orientation"] = orientation_check(keras_model, params.orientation_confidence)
-    decision = replace(calibrated, orientation_confidence=confidence,
-                       ood={"score": report["chosen"], "limit": round(limit, 6), "accept_rate": params.accept_rate,
-                            "fitted_on": "train", "limit_from": "val"})
-    serving = artefact.build(keras_model, decision, gate)
-    report["served"] = served_outcomes(serving, seed)
-    ARTEFACT_FILE.write_bytes(serving)
+    rule = {"ood": {"score": report["chosen"], "limit": round(limit, 6), "accept_rate": params.accept_rate,
+                    "fitted_on": "train", "limit_from": "val"},
+            "orientation_confidence": confidence}
+    gate.write(GATE_FILE, rule)
     write_json(OOD_FILE, report)
     return report
 

@@ -27,9 +27,11 @@ MANIFEST_FILE = PREPARED_DIR / "manifest.csv"
 MODEL_DIR = Path("models")
 MODEL_FILE = MODEL_DIR / "model.keras"
 RUN_FILE = MODEL_DIR / "train_run.json"
-# The serving artefact: ONNX graph with calibration folded in and the decision in its metadata; first
-# calibrated (evaluate stage), then with the input gate (ood stage).
-CALIBRATED_FILE = MODEL_DIR / "calibrated.onnx"
+# What the stages fit, each in its own file: the decision (threshold, calibration, triage; evaluate stage)
+# and the input gate with the orientation rule (ood stage). The assemble stage puts them and the network
+# into the serving artefact: one ONNX graph, calibration folded in, the decision in its metadata.
+DECISION_FILE = MODEL_DIR / "decision.json"
+GATE_FILE = MODEL_DIR / "gate.npz"
 ARTEFACT_FILE = MODEL_DIR / "serving.onnx"
 
 REPORTS_DIR = Path("reports")
@@ -43,6 +45,7 @@ FIGURES_DIR = REPORTS_DIR / "figures"
 ROBUSTNESS_FILE = REPORTS_DIR / "robustness.json"
 ROBUSTNESS_FIGURE = REPORTS_DIR / "robustness.png"
 OOD_FILE = REPORTS_DIR / "ood.json"
+SERVING_REPORT_FILE = REPORTS_DIR / "serving.json"  # the assembled artefact: its size and what it does with outliers
 REGISTRY_FILE = MODEL_DIR / "registration.json"
 # The registered artefact as an export folder (model.onnx, MODEL_CARD.md): `dvc pull` brings it anywhere.
 REGISTERED_DIR = MODEL_DIR / "registered"

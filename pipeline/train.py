@@ -1,7 +1,8 @@
-"""Stage: train the CNN from scratch, keep the best epoch by validation AUC (of the pneumonia head), log it
-all to MLflow.
+"""Stage: train the network (`train.backbone`: fine-tuned from ImageNet weights, or from scratch), keep the best
+epoch by validation AUC (of the pneumonia head), log it all to MLflow.
 
-Runs on a GPU when TensorFlow sees one (the `gpu` extra), else on the CPU, and says which."""
+Runs on a GPU when TensorFlow sees one (the `gpu` extra), else on the CPU, and says which; the CPU and the
+instruction set of its kernels are recorded with the run (`pipeline.hardware`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import tensorflow as tf
 from mlflow.entities import RunStatus
 from mlflow.models import infer_signature
 
+from pipeline import hardware
 from pipeline.arrays import Split, load_split
 from pipeline.common import git_commit, setup_logging, stage_errors, write_json
 from pipeline.model import balanced_class_weights, build_model, make_dataset
@@ -202,13 +204,15 @@ def run(seed: int, params: TrainParams) -> dict[str, Any]:
     make_deterministic(seed)
     train, val = load_split("train"), load_split("val")
     device = training_device()
-    log.info("training on %s", device)
+    machine = hardware.describe()
+    log.info("training on %s: %s", device, machine)
     started = time.perf_counter()
     with mlflow.start_run(experiment_id=experiment_id, run_name="train") as active, _killed_if_interrupted():
         mlflow.log_params(flatten({"seed": seed, **asdict(params)}))
         digest = dataset_digest(train, val)
         commit = git_commit()
-        mlflow.set_tags({"git_commit": commit, "data_digest": digest, "stage": "train", "device": device})
+        mlflow.set_tags({"git_commit": commit, "data_digest": digest, "stage": "train", "device": device,
+                         **{f"hardware.{key}": value for key, value in machine.items()}})
         mlflow.log_input(mlflow.data.from_numpy(train.images[:1], name="train", digest=digest), context="training")
         with tempfile.TemporaryDirectory() as scratch:
             model, rows = fit(params, seed, train, val, Path(scratch) / "best.weights.h5")
@@ -218,9 +222,10 @@ def run(seed: int, params: TrainParams) -> dict[str, Any]:
             "best_epoch": int(best["epoch"]), "epochs_run": len(rows), "best_val_auc": best["val_auc"],
             "train_seconds": round(wall, 1),
             "images_per_second": round(float(np.median([row["images_per_second"] for row in rows])), 1),
-            "parameters": int(model.count_params()), "device": device,
+            "parameters": int(model.count_params()), "device": device, "hardware": machine,
         }
-        mlflow.log_metrics({f"train_{key}": float(value) for key, value in summary.items() if key != "device"})
+        mlflow.log_metrics({f"train_{key}": float(value) for key, value in summary.items()
+                            if key not in ("device", "hardware")})
         info = log_model(model, val.images[:1, ..., np.newaxis].astype(np.float32))
     save_atomically(model, MODEL_FILE)
     write_history(rows, HISTORY_FILE)

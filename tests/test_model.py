@@ -9,7 +9,16 @@ import pytest
 import tensorflow as tf
 
 from pipeline.arrays import NO_SUBTYPE, VIRAL, Split
-from pipeline.model import _cutmix, _mixup, augment, balanced_class_weights, build_model, make_dataset, orient
+from pipeline.model import (
+    _cutmix,
+    _mixup,
+    augment,
+    balanced_class_weights,
+    build_model,
+    make_dataset,
+    model_parts,
+    orient,
+)
 from pipeline.params import AugmentParams
 from pipeline.preprocess import assign_splits, decode_all
 from pipeline.train import fit, history_key, make_deterministic
@@ -40,8 +49,9 @@ def test_model_takes_raw_pixels_at_the_stored_size_and_outputs_probabilities():
     assert "centre_crop" not in names and "stem_conv" not in names
     # The CAM of the serving artefact is computed on what global pooling reduces: the last block's
     # feature map, at image_size / 2**blocks.
-    assert names[names.index("global_pool") - 1] == "block2_pool"
-    assert tuple(model.get_layer("global_pool").input.shape) == (None, 8, 8, 8)
+    parts = model_parts(model)
+    assert parts.stages == ("stage1_output", "stage2_output") and names[names.index("global_pool") - 1] == "stage2_output"
+    assert tuple(parts.feature_map.shape) == (None, 8, 8, 8) and parts.crop == 1.0
 
 
 def test_model_rejects_impossible_configurations():

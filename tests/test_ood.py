@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline import artefact, ood
+from pipeline import artefact, ood, outliers
 from scoring.decision import Decision
 from scoring.runtime import Predictor, ServingArtefact
 from tests import image_factory as factory
@@ -48,8 +48,11 @@ def test_layer_distance_is_small_for_the_training_distribution_and_large_off_it(
     assert gate.distance(rng.normal(4, 1, (200, 8))).mean() > 10
 
 
-def test_the_artefacts_gate_score_is_the_fitted_one(model, training_images):
-    gate = gate_for(model, training_images)
+def test_the_artefacts_gate_score_is_the_fitted_one(model, training_images, tmp_path):
+    # Through the file the ood stage writes and the assemble stage reads.
+    gate_for(model, training_images).write(tmp_path / "gate.npz", {"ood": {"limit": 1e9}, "orientation_confidence": 0.8})
+    gate, rule = artefact.Gate.read(tmp_path / "gate.npz")
+    assert rule == {"ood": {"limit": 1e9}, "orientation_confidence": 0.8}
     decision = Decision(0.5, "youden", 64, ood={"score": "mahalanobis", "limit": 1e9})
     served = ServingArtefact(artefact.build(model, decision, gate))
     images = [training_images[0], factory.ramp(90, 64), np.full((64, 64), 200, np.uint8)]
@@ -85,7 +88,7 @@ def test_outlier_sets_are_built_offline_from_installed_packages(fixture_images):
     from scoring.imaging import decode_greyscale, read_bytes, resize_grey
 
     val = np.stack([resize_grey(decode_greyscale(read_bytes(path)), 64) for path in fixture_images[:8]])
-    first, second = ood.outlier_sets(7, val), ood.outlier_sets(7, val)
+    first, second = outliers.outlier_sets(7, val), ood.outlier_sets(7, val)
     assert [o.data for o in first] == [o.data for o in second]  # deterministic
     sources = Counter(outlier.source for outlier in first)
     for source in ("synthetic", "scikit-learn", "scikit-image", "matplotlib", "pydicom", "x-ray inverted"):
@@ -97,9 +100,9 @@ def test_outlier_sets_are_built_offline_from_installed_packages(fixture_images):
 
 
 def test_decode_for_gate_counts_what_never_reaches_the_model():
-    outliers = [ood.Outlier("text", "t", "far", b"not an image"),
-                ood.Outlier("flat", "t", "far", factory.png(np.full((64, 64), 9, np.uint8))),
-                ood.Outlier("xray", "t", "far", factory.png(factory.xray()))]
-    reached, images, refused = ood.decode_for_gate(outliers)
+    files = [outliers.Outlier("text", "t", "far", b"not an image"),
+             outliers.Outlier("flat", "t", "far", factory.png(np.full((64, 64), 9, np.uint8))),
+             outliers.Outlier("xray", "t", "far", factory.png(factory.xray()))]
+    reached, images, refused = outliers.decode_for_gate(files)
     assert [o.name for o in reached] == ["xray"] and len(images) == 1
     assert refused == {"undecodable": 1, "plausibility checks": 1}

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from pipeline.robustness import REPORTED
+from scoring.decision import Decision
 from scoring.runtime import ServingArtefact
 from tests.helpers import (
     FIXTURE_DATASET,
@@ -91,6 +92,13 @@ def test_repro_registers_a_version_with_the_production_alias(project):
     probes = np.random.default_rng(0).integers(0, 255, (3, 80, 80), dtype=np.uint8)
     np.testing.assert_array_equal(evaluated.probabilities(list(probes)), registered.probabilities(list(probes)))
     assert evaluated.decision.threshold == decision.threshold
+    # Each stage fitted its part in its own file; the assemble stage put them together (and said what the
+    # served artefact does with the outlier sets).
+    fitted = Decision.from_json((root / "models/decision.json").read_text())
+    assert fitted.threshold == decision.threshold and fitted.ood == {} and evaluated.decision.ood["limit"] > 0
+    serving = read(root, "reports/serving.json")
+    assert serving["bytes"] == (root / "models/serving.onnx").stat().st_size
+    assert set(serving["served"]["diagnosed_rate"]) == {"far", "near"}
 
 
 def test_metrics_files_hold_sane_values(project):
