@@ -36,10 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scoring import wording
 from scoring.locations import TrackingUnavailableError, brief, configure_tracking, production_uri
-from scoring.pixels import IMAGE_SUFFIXES, MAX_FILE_BYTES, megabytes
+from scoring.logs import setup_logging
+from scoring.pixels import IMAGE_SUFFIXES, MAX_FILE_BYTES
 from scoring.runtime import RECORD_FIELDS, RECORD_TYPES
-from scoring.store import PYFUNC_ARTEFACT, ModelUnavailableError, download_registered
+from scoring.store import PYFUNC_ARTEFACT, ModelUnavailableError, download_registered, model_uri_help
 
 log = logging.getLogger("pipeline.batch")
 
@@ -52,9 +54,6 @@ IMAGE_NAME_PATTERN = rf"(?i)^[^.].*\.({'|'.join(IMAGE_SUFFIXES)})$|^[^.]+$"
 MAX_PARTITION_BYTES = 128 * 1024 * 1024
 DEFAULT_IMAGES_PER_TASK = 256
 RESULT_TYPE = ", ".join([*(f"{name} {RECORD_TYPES[name]}" for name in RECORD_FIELDS), "threshold double"])
-UNREADABLE = "the file could not be read: not scored"
-EMPTY = "the file is empty (or vanished while the job ran): not scored"
-TOO_LARGE = f"file is larger than the {megabytes(MAX_FILE_BYTES)} limit: not scored"
 LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 PANDAS_WARNING = "PySpark does not yet fully support pandas"
 EXIT_OK, EXIT_SOME_ERRORS, EXIT_UNUSABLE = 0, 1, 2
@@ -259,25 +258,29 @@ def score(spark, frame, model: ScoringModel, env_manager: str = "local"):
 
 
 def add_missing(spark, found: Input, output: str, model: ScoringModel) -> int:
-    """Listed image files without a row (too large to read, empty, unreadable or vanished) as error rows."""
-    from pyspark.sql import functions as F
-
+    """Listed image files without a row (too large to read, empty, unreadable or vanished) as error rows,
+    worded as the predict path words them (`scoring.wording`). They are few: collected on the driver."""
     listed = spark.createDataFrame([(path,) for path in found.listed], "path string")
     written = spark.read.parquet(output).select("path")
-    missing = listed.join(written, on="path", how="left_anti").join(found.lengths, on="path", how="left")
-    length = F.col("length")
-    error = (F.when(length.isNull(), F.lit(EMPTY)).when(length > MAX_FILE_BYTES, F.lit(TOO_LARGE))
-             .otherwise(F.lit(UNREADABLE)))
-    empty = {name: F.lit(None).cast(RECORD_TYPES[name]).alias(name) for name in RECORD_FIELDS}
-    rows = missing.select(
-        "path", *(error.alias(name) if name == "error" else empty[name] for name in RECORD_FIELDS),
-        F.lit(model.threshold).alias("threshold"), F.lit(model.name).alias("model_name"),
-        F.lit(model.version).alias("model_version")).cache()
-    count = rows.count()
-    if count:
-        rows.coalesce(1).write.mode("append").parquet(output)
-    rows.unpersist()
-    return count
+    missing = listed.join(written, on="path", how="left_anti").join(found.lengths, on="path", how="left").collect()
+    if not missing:
+        return 0
+    rows = [(row["path"], *(missing_error(row["length"]) if name == "error" else None for name in RECORD_FIELDS),
+             model.threshold, model.name, model.version) for row in missing]
+    schema = ", ".join(["path string", *(f"{name} {RECORD_TYPES[name]}" for name in RECORD_FIELDS),
+                        "threshold double", "model_name string", "model_version string"])
+    spark.createDataFrame(rows, schema).coalesce(1).write.mode("append").parquet(output)
+    return len(rows)
+
+
+def missing_error(length: int | None) -> str:
+    """Why a listed file has no row: Spark's scan drops empty files (and vanished ones), skips unreadable
+    ones, and `read_input` never reads one over the size limit."""
+    if length is None:
+        return wording.EMPTY_OR_GONE
+    if length > MAX_FILE_BYTES:
+        return wording.too_large(length, MAX_FILE_BYTES)
+    return wording.UNREADABLE
 
 
 def summarise(spark, output: str, seconds: float) -> Summary:
@@ -354,9 +357,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--master", default=None,
                         help="Spark master: local[2], spark://HOST:7077... (default: as spark-submit or the "
                              "Spark config set it, else local[*])")
-    parser.add_argument("--model-uri", default=None,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or an MLflow model folder "
-                             "(default: the production alias in the MLflow store)")
+    parser.add_argument("--model-uri", default=None, help=model_uri_help(
+        forms="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or an MLflow model folder"))
     parser.add_argument("--format", choices=["auto", "files", "parquet"], default="auto",
                         help="how to read INPUT (auto: Parquet if it ends in .parquet or holds .parquet files)")
     parser.add_argument("--image-column", default=None, help="Parquet input: the column of image bytes "
@@ -383,7 +385,7 @@ def quiet() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     quiet()
     for noisy in ("py4j", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

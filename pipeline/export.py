@@ -17,6 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from scoring.card import card_markdown
 from scoring.runtime import ServingArtefact
 from scoring.store import (
     ARTEFACT_NAME,
@@ -26,7 +27,6 @@ from scoring.store import (
     load_artefact,
     production_uri,
 )
-from serving.card import card_markdown
 
 log = logging.getLogger(__name__)
 

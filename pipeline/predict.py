@@ -1,7 +1,8 @@
 """Score image files and folders with a registered model: `python -m pipeline.predict PATH... [--model-uri
 URI] [--output CSV]`. Writes path, probability of pneumonia, label at the model's registered threshold and
 error, then triage (NORMAL, PNEUMONIA or REVIEW), subtype (BACTERIAL or VIRAL for a PNEUMONIA), probability
-that it is viral, and a note when the X-ray was put back upright before scoring.
+that it is viral, a note when the X-ray was put back upright before scoring, and the input gate's score:
+the prediction record (`scoring.runtime.RECORD_FIELDS`) every client gives, with the same error texts.
 
 It runs the serving artefact (`scoring.runtime`, no TensorFlow), so it accepts, refuses and labels files
 exactly as the app and the MLflow model do. Exit status: 0 all files scored; 1 some files could not be
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from scoring.logs import setup_logging
 from scoring.pixels import DICOM_MAGIC_OFFSET, IMAGE_SUFFIXES, is_dicom
 from scoring.runtime import RECORD_FIELDS, Predictor
 from scoring.store import (
@@ -24,6 +26,7 @@ from scoring.store import (
     TrackingUnavailableError,
     brief,
     load_artefact,
+    model_uri_help,
     production_uri,
 )
 
@@ -78,15 +81,13 @@ def _cell(value: float | str | None) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="image files (PNG, JPEG, DICOM) or folders of them")
-    parser.add_argument("--model-uri", default=None,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported model folder "
-                             "(default: the production alias in the project's MLflow store)")
+    parser.add_argument("--model-uri", default=None, help=model_uri_help())
     parser.add_argument("--output", type=Path, default=None, help="CSV file to write (default: stdout)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     paths = expand_paths(args.paths)
     if not paths:

@@ -25,6 +25,7 @@ from scoring.pixels import (
     is_dicom,
     stretch_to_uint8,
 )
+from scoring.wording import too_large
 
 __all__ = [
     "DICOM_MAGIC_OFFSET",
@@ -41,7 +42,6 @@ __all__ = [
     "resize_to",
     "stretch_to_uint8",
 ]
-
 
 
 def read_bytes(path: Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
@@ -64,17 +64,7 @@ def _check_size(size: int, max_bytes: int) -> None:
     if size == 0:
         raise ImageDecodeError("empty file (0 bytes)")
     if size > max_bytes:
-        actual, limit = _format_bytes(size), _format_bytes(max_bytes)
-        if actual == limit:  # just over the cap: rounded, both would read the same ("52.4 MB, over 52.4 MB")
-            actual, limit = f"{size:,} bytes", f"{max_bytes:,}-byte"
-        raise ImageDecodeError(f"file is {actual}, over the {limit} limit")
-
-
-def _format_bytes(count: int) -> str:
-    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.3g} {unit}"
-    return f"{count} bytes"
+        raise ImageDecodeError(too_large(size, max_bytes))
 
 
 def decode_greyscale(data: bytes, max_bytes: int = MAX_FILE_BYTES) -> np.ndarray:

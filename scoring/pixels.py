@@ -32,11 +32,6 @@ def describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def megabytes(size: int) -> str:
-    """A size as every message gives it: `50 MB`, `27.3 MB`, `0.3 MB`."""
-    return f"{size / 1e6:.3g} MB"
-
-
 def is_dicom(data: bytes) -> bool:
     return data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
 

@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -33,14 +34,17 @@ from scoring.orientation import ORIENTATIONS, UPRIGHT, upright
 from scoring.pixels import MAX_FILE_BYTES
 
 BATCH_SIZE = 64
-# One prediction record, in this order, for every client: the predict CLI's columns after `path` (its
-# first four, `path, probability_pneumonia, label, error`, are how models are evaluated from outside),
-# the MLflow pyfunc's and Spark's columns, the REST answer's fields and the app's table.
-RECORD_FIELDS = ("probability_pneumonia", "label", "error", "triage", "subtype", "probability_viral", "note")
+# One prediction record, in this order and under these names, for every client: the predict CLI's columns
+# after `path` (its first four, `path, probability_pneumonia, label, error`, are how models are evaluated
+# from outside), the MLflow pyfunc's and Spark's columns, and per file in the JSON of the REST route, the
+# app's API and the on-device page (`answer`, with the file's `name`). `ood_score`: the input gate's score,
+# where it ran (also for an image it refused), never shown on a page.
+RECORD_FIELDS = ("probability_pneumonia", "label", "error", "triage", "subtype", "probability_viral", "note",
+                 "ood_score")
 # The note on a turned or mirrored X-ray put back upright before scoring (the browser page reads it from here).
 UPRIGHT_NOTE = "the image was {orientation}; it was put back upright before scoring"
 RECORD_TYPES = {"probability_pneumonia": "double", "label": "string", "error": "string", "triage": "string",
-                "subtype": "string", "probability_viral": "double", "note": "string"}
+                "subtype": "string", "probability_viral": "double", "note": "string", "ood_score": "double"}
 
 
 class ArtefactLoadError(RuntimeError):
@@ -154,7 +158,18 @@ class Prediction:
         """The RECORD_FIELDS of this prediction (None where empty)."""
         return {"probability_pneumonia": self.probability, "label": self.label, "error": self.error,
                 "triage": self.triage, "subtype": self.subtype, "probability_viral": self.probability_viral,
-                "note": self.note}
+                "note": self.note, "ood_score": self.ood_score}
+
+
+def answer(predictions: Sequence[Prediction], decision: Decision,
+           names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The JSON of one request, wherever a client answers in JSON (`POST /api/v1/predict`, the app's API):
+    the model, then per file its `name` (`names`, else the prediction's) and its record, fractions 0 to 1."""
+    names = [prediction.name for prediction in predictions] if names is None else names
+    return {
+        "model": {"name": decision.model_name, "version": decision.model_version, "threshold": decision.threshold},
+        "results": [{"name": name, **prediction.record()} for name, prediction in zip(names, predictions, strict=True)],
+    }
 
 
 class Predictor:

@@ -32,6 +32,7 @@ from scoring.locations import (
 __all__ = [
     "ARTEFACT_NAME",
     "MODEL_NAME",
+    "MODEL_URI_FORMS",
     "PRODUCTION_ALIAS",
     "ModelUnavailableError",
     "RegisteredModel",
@@ -39,6 +40,7 @@ __all__ = [
     "artefact_path",
     "download_registered",
     "load_artefact",
+    "model_uri_help",
     "production_uri",
     "resolve_version",
 ]
@@ -48,6 +50,16 @@ __all__ = [
 ARTEFACT_NAME = "model.onnx"
 # In the registered MLflow model, the artefact sits under the pyfunc's artifacts.
 PYFUNC_ARTEFACT = Path("artifacts") / ARTEFACT_NAME
+
+
+# How every command line (the app, the predict CLI, export, Spark) names what its --model-uri takes.
+MODEL_URI_FORMS = "models:/NAME@ALIAS, models:/NAME/VERSION, an exported model folder or its model.onnx"
+DEFAULT_MODEL_WORDS = "the production alias in the project's MLflow store"
+
+
+def model_uri_help(default: str = DEFAULT_MODEL_WORDS, forms: str = MODEL_URI_FORMS) -> str:
+    """The `--model-uri` help: what it takes (`forms`) and what it is without one (`default`)."""
+    return f"{forms} (default: {default})"
 
 
 class ModelUnavailableError(RuntimeError):

@@ -21,6 +21,7 @@ Gradio builds its FastAPI app at launch, so the routes reach it through `launch(
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import math
@@ -36,7 +37,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from scoring import checks, pixels
+from scoring import checks, pixels, wording
+from scoring.card import NOT_A_DEVICE
 from scoring.decision import (
     CAM_OUTPUT,
     INPUT_NAME,
@@ -49,9 +51,10 @@ from scoring.decision import (
     Decision,
 )
 from scoring.orientation import ORIENTATIONS, UPRIGHT
-from scoring.runtime import UPRIGHT_NOTE, ServingArtefact
+from scoring.runtime import RECORD_FIELDS, UPRIGHT_NOTE, ServingArtefact
 from serving import overlay
-from serving.card import NOT_A_DEVICE
+from serving.service import Served
+from serving.settings import MAX_FILES
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +71,14 @@ ORT_WASM = ("ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")  # load
 DICOM_PARSER = "dicomParser.min.js"
 VENDOR_FILES = (ORT_MODULE, *ORT_WASM, DICOM_PARSER)
 MEDIA_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm"}
-DEFAULT_MAX_FILES = 16
-DEFAULT_OVERLAY_MAX_SIDE = 512
 NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 REVALIDATE = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
-# Probabilities are shown in percent with one decimal, below the floor as "< 0.1%" and above the ceiling as
-# "> 99.9%", as the server page shows them (serving.card.percent; a test compares the two); results exposed
-# to programs keep the raw 0..1 values.
-PERCENT_FLOOR, PERCENT_CEILING = 0.001, 0.999
-# The next step, shown after a refusal that does not already say what to do (the decoder's and checks'
-# messages, which stay word for word the server's).
-NEXT_STEP = ("Choose the chest X-ray itself (PNG, JPEG or DICOM, as the X-ray system exports it), or use the "
-             f"“{MAIN_PAGE_NAME}” page")
+# The way out this page offers beside a refusal's next step (scoring.wording.with_next_step), and when it
+# cannot score at all.
+SERVER_PAGE = f"use the “{MAIN_PAGE_NAME}” page"
+INSTEAD = f"{SERVER_PAGE} instead"
+# Where the page's status line says its files were scored (scoring.wording.scored_line).
+WHERE = " on this device"
 # Where a program finds the server's API: FastAPI's docs when the app has them, else Gradio's API page.
 API_PAGE = "?view=api"
 
@@ -104,7 +103,7 @@ for the model, its metadata and the runtime, all from this server; none carries 
 # The page's markup; ondevice.js fills it. Ids are what the tests and the script look for. The results table
 # turns into one block per file on a narrow screen (PAGE_CSS), so every decision fits a phone's width.
 PAGE_HTML = """
-<div id="ondevice" class="ondevice">
+<div id="ondevice" class="ondevice" data-instead="%(instead)s">
   <p id="ondevice-status" role="status">Starting on-device screening...</p>
   <div id="ondevice-drop" class="ondevice-drop">
     <label for="ondevice-files">Chest X-rays (PNG, JPEG or DICOM), read on this device:</label>
@@ -126,7 +125,7 @@ PAGE_HTML = """
   </section>
   <p id="ondevice-api">For programs: <a id="ondevice-api-link" href="./?view=api">the server's API
     documentation</a> (this page has no API of its own: it sends nothing to the server).</p>
-  <noscript>On-device screening needs JavaScript: use the “On the server” page instead.</noscript>
+  <noscript>On-device screening needs JavaScript: %(instead)s.</noscript>
 </div>
 """
 
@@ -168,8 +167,8 @@ const root = ((window.gradio_config && window.gradio_config.root) || window.loca
 const base = root + "%(prefix)s/";
 import(base + "ondevice.js").then((module) => module.mount(element, base)).catch((error) => {
   const line = element.querySelector("#ondevice-status");
-  const text = "The on-device page could not start (" + ((error && error.message) || error) +
-    "): use the “%(main)s” page instead.";
+  const instead = element.querySelector("#ondevice").dataset.instead;
+  const text = "The on-device page could not start (" + ((error && error.message) || error) + "): " + instead + ".";
   if (line) line.textContent = text;
   window.pneumoniaOnDevice = { status: "failed", message: text };
 });
@@ -180,24 +179,24 @@ _ROUTES: weakref.WeakKeyDictionary[gr.Blocks, list[BaseRoute]] = weakref.WeakKey
 
 @dataclass(frozen=True)
 class PageSettings:
+    """The app's limits, which the page applies as the server does."""
+
     max_file_bytes: int = pixels.MAX_FILE_BYTES
-    max_files: int = DEFAULT_MAX_FILES
-    overlay_max_side: int = DEFAULT_OVERLAY_MAX_SIDE
+    max_files: int = MAX_FILES
+    overlay_max_side: int = overlay.OVERLAY_MAX_SIDE
 
 
-def add_page(demo: gr.Blocks, service: Any, max_file_bytes: int = pixels.MAX_FILE_BYTES,
-             max_files: int = DEFAULT_MAX_FILES, overlay_max_side: int = DEFAULT_OVERLAY_MAX_SIDE) -> None:
+def add_page(demo: gr.Blocks, service: Served, settings: PageSettings | None = None) -> None:
     """Add the "On this device" page to `demo` (call after its `with gr.Blocks()` block) and remember the
-    routes it needs, which `launch_options(demo)` hands to `launch`. `service` is the app's ModelService:
-    anything with `.ready`, `.predictor` (whose `.artefact` was loaded from a file) and `.problem`."""
-    settings = PageSettings(max_file_bytes, max_files, overlay_max_side)
+    routes it needs, which `launch_options(demo)` hands to `launch`."""
+    settings = settings or PageSettings()
     with demo:
         gr.Navbar(main_page_name=MAIN_PAGE_NAME)
     with demo.route(PAGE_NAME, PAGE_PATH):
         gr.Navbar(main_page_name=MAIN_PAGE_NAME)  # one per page
         gr.Markdown(INTRO)
-        gr.HTML(PAGE_HTML, css_template=PAGE_CSS, js_on_load=MOUNT_JS % {"prefix": PREFIX, "main": MAIN_PAGE_NAME},
-                elem_id="ondevice-page", apply_default_css=True)
+        gr.HTML(PAGE_HTML % {"instead": html.escape(INSTEAD)}, css_template=PAGE_CSS,
+                js_on_load=MOUNT_JS % {"prefix": PREFIX}, elem_id="ondevice-page", apply_default_css=True)
         gr.Markdown(FOOTNOTE)
     _ROUTES[demo] = routes(service, settings)
 
@@ -236,14 +235,14 @@ class ModelNotServable(RuntimeError):
     """The page cannot get the model: a one-line reason."""
 
 
-def served_artefact(service: Any) -> ServingArtefact:
+def served_artefact(service: Served) -> ServingArtefact:
     """The artefact the server scores with: its bytes are what the page gets. Raises ModelNotServable."""
     if not service.ready:
-        raise ModelNotServable(f"no model is loaded on the server: {service.problem}")
+        raise ModelNotServable(wording.no_model(service.problem, " on the server"))
     return service.predictor.artefact
 
 
-def page_config(service: Any, settings: PageSettings) -> dict[str, Any]:
+def page_config(service: Served, settings: PageSettings) -> dict[str, Any]:
     """What the page needs to decide as the server does. Raises ModelNotServable."""
     if not assets_built():
         raise ModelNotServable("the on-device runtime is not built on this server (run `make web`)")
@@ -253,7 +252,8 @@ def page_config(service: Any, settings: PageSettings) -> dict[str, Any]:
         "model": {"url": "model.onnx", "bytes": len(artefact.onnx_bytes), "sha256": artefact.sha256},
         "tensors": {"input": INPUT_NAME, "probability": PROBABILITY_OUTPUT, "cam": CAM_OUTPUT, "ood": OOD_OUTPUT,
                     "viral": VIRAL_OUTPUT, "orientation": ORIENTATION_OUTPUT},
-        "words": page_words(artefact.decision),
+        "words": page_words(artefact.decision, settings),
+        "record_fields": list(RECORD_FIELDS),
         "limits": {"max_file_bytes": settings.max_file_bytes, "max_pixels": pixels.MAX_PIXELS,
                    "min_side": pixels.MIN_SIDE, "max_files": settings.max_files,
                    # Past this, Pillow refuses a file as a decompression bomb as it opens it (its own message).
@@ -266,15 +266,22 @@ def page_config(service: Any, settings: PageSettings) -> dict[str, Any]:
     }
 
 
-def page_words(decision: Decision) -> dict[str, Any]:
-    """The server's words the page shows, read from the Python modules (never retyped in JavaScript)."""
+def page_words(decision: Decision, settings: PageSettings) -> dict[str, Any]:
+    """The server's words the page shows, read from the Python modules (never retyped in JavaScript): the
+    decision's names and refusals, and `scoring.wording`'s sentences, which the page fills in as the server
+    page does (`{name}` fields, Python's str.format)."""
     return {
         "orientations": list(ORIENTATIONS), "upright": UPRIGHT, "upright_note": UPRIGHT_NOTE,
         "review": REVIEW, "subtypes": list(SUBTYPE_NAMES),
         "orientation_unclear": Decision.orientation_unclear(),
         # The gate's refusal (None without a gate): its sentence does not depend on the score.
         "gate_refusal": decision.refusal(math.inf),
-        "next_step": NEXT_STEP, "percent_floor": PERCENT_FLOOR, "percent_ceiling": PERCENT_CEILING,
+        "percent_floor": wording.PERCENT_FLOOR, "percent_ceiling": wording.PERCENT_CEILING,
+        "action_words": list(wording.ACTION_WORDS), "next_steps": [list(pair) for pair in wording.NEXT_STEPS],
+        "default_next_step": wording.DEFAULT_NEXT_STEP, "alternative": SERVER_PAGE,
+        "decision": wording.DECISION, "triage_part": wording.TRIAGE_PART, "subtype_part": wording.SUBTYPE_PART,
+        "scored": wording.SCORED, "where": WHERE, "refused": wording.REFUSED, "not_scored": wording.NOT_SCORED,
+        "too_many_files": wording.too_many_files(settings.max_files),
     }
 
 
@@ -285,7 +292,7 @@ def api_docs_path(app: Any) -> str:
     return docs.lstrip("/") if docs else API_PAGE
 
 
-def routes(service: Any, settings: PageSettings | None = None) -> list[BaseRoute]:
+def routes(service: Served, settings: PageSettings | None = None) -> list[BaseRoute]:
     """The page's routes, under PREFIX: config.json, model.onnx and the fixed list of assets."""
     settings = settings or PageSettings()
     files = asset_paths()

@@ -12,6 +12,9 @@ from PIL import Image
 
 # Weight of the colour map where the heatmap is 1; where it is 0 the X-ray shows through unchanged.
 OVERLAY_ALPHA = 0.6
+# The map is drawn at most this many pixels a side, on the server page and on the on-device page: enough to
+# see, cheap to send.
+OVERLAY_MAX_SIDE = 512
 # matplotlib's "jet" colour map, as its piecewise-linear segments (no matplotlib needed to serve).
 _JET = {
     "red": ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),

@@ -36,8 +36,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from scoring import pixels
-from scoring.runtime import BATCH_SIZE, RECORD_FIELDS, RECORD_TYPES, Prediction
+from scoring import pixels, wording
+from scoring.runtime import BATCH_SIZE, RECORD_FIELDS, RECORD_TYPES, Prediction, answer
+from serving.service import Served
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,14 @@ class Limits:
         return self.max_files * (self.max_file_bytes + PART_OVERHEAD_BYTES)
 
     def too_large(self, name: str) -> str:
-        return f"file {name!r} is larger than {pixels.megabytes(self.max_file_bytes)}, the limit per file"
+        return f"{name!r}: {wording.too_large(None, self.max_file_bytes)} per file"
 
     def too_many(self, count: int) -> str:
         return f"at most {self.max_files} files per request; got {count}"
 
     def body_too_large(self) -> str:
-        return (f"the request body is larger than {pixels.megabytes(self.max_body_bytes)}: at most {self.max_files} "
-                f"files of {pixels.megabytes(self.max_file_bytes)}")
+        return (f"the request body is larger than {wording.megabytes(self.max_body_bytes)}: at most "
+                f"{self.max_files} files of {wording.megabytes(self.max_file_bytes)}")
 
     def no_files(self) -> str:
         return f"no files: send 1 to {self.max_files} X-rays in the multipart field {FIELD!r}"
@@ -219,7 +220,7 @@ class BatchScorer:
     are scored together, and each request gets its own predictions back: alone, a request is scored at
     once; under load, the batches grow by themselves."""
 
-    def __init__(self, service: Any, max_file_bytes: int, max_batch: int = BATCH_SIZE) -> None:
+    def __init__(self, service: Served, max_file_bytes: int, max_batch: int = BATCH_SIZE) -> None:
         self.service = service
         self.max_file_bytes = max_file_bytes
         self.max_batch = max_batch
@@ -275,31 +276,23 @@ class BatchScorer:
 # The route
 
 
-def answer(predictions: list[Prediction], decision: Any) -> dict[str, Any]:
-    """The JSON body: the model, then one row per file (its name and the CLI's fields)."""
-    return {
-        "model": {"name": decision.model_name, "version": decision.model_version, "threshold": decision.threshold},
-        "results": [{"name": prediction.name, **prediction.record()} for prediction in predictions],
-    }
-
-
 def refusal(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"detail": reason}, status_code=status, headers=NO_STORE)
 
 
-async def _ready(service: Any) -> bool:
+async def _ready(service: Served) -> bool:
     if service.predictor is not None:
         return True
     return await run_in_threadpool(lambda: service.ready)  # may load the model: off the event loop
 
 
-def predict_endpoint(service: Any, limits: Limits):
-    """The route's handler around the app's model service (anything with `.ready`, `.predictor`, `.problem`)."""
+def predict_endpoint(service: Served, limits: Limits):
+    """The route's handler around the app's model service."""
     scorer = BatchScorer(service, limits.max_file_bytes)
 
     async def predict(request: Request) -> Response:
         if not await _ready(service):
-            return refusal(503, f"no model is loaded: {' '.join(str(service.problem).split())}")
+            return refusal(503, wording.no_model(service.problem))
         try:
             items = await read_uploads(request, limits)
         except Refused as refused:
@@ -342,12 +335,12 @@ def _openapi_request(limits: Limits) -> dict[str, Any]:
     upload = {"type": "array", "minItems": 1, "maxItems": limits.max_files,
               "items": {"type": "string", "format": "binary"},
               "description": f"1 to {limits.max_files} X-rays (PNG, JPEG or DICOM), at most "
-                             f"{pixels.megabytes(limits.max_file_bytes)} each"}
+                             f"{wording.megabytes(limits.max_file_bytes)} each"}
     schema = {"type": "object", "required": [FIELD], "properties": {FIELD: upload}}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-def routes(service: Any, max_file_bytes: int, max_files: int) -> list[APIRoute]:
+def routes(service: Served, max_file_bytes: int, max_files: int) -> list[APIRoute]:
     """The REST route around the app's model service, with the app's limits (`max_file_bytes` per file,
     within `scoring.pixels.MAX_FILE_BYTES`; `max_files` per request)."""
     limits = Limits.of_app(max_files, max_file_bytes)
@@ -361,7 +354,7 @@ def routes(service: Any, max_file_bytes: int, max_files: int) -> list[APIRoute]:
     )]
 
 
-def launch_options(options: dict[str, Any], service: Any, max_file_bytes: int, max_files: int) -> dict[str, Any]:
+def launch_options(options: dict[str, Any], service: Served, max_file_bytes: int, max_files: int) -> dict[str, Any]:
     """`options` for `demo.launch(...)` (e.g. the on-device page's) with the REST route added to its routes."""
     app_kwargs = dict(options.get("app_kwargs", {}))
     app_kwargs["routes"] = [*app_kwargs.get("routes", []), *routes(service, max_file_bytes, max_files)]

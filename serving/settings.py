@@ -7,11 +7,14 @@ import argparse
 import os
 from pathlib import Path
 
-from scoring.pixels import MAX_FILE_BYTES, megabytes
-from scoring.store import ARTEFACT_NAME
+from scoring.pixels import MAX_FILE_BYTES
+from scoring.store import ARTEFACT_NAME, model_uri_help
+from scoring.wording import megabytes
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+# Files per request, for every page and route of the app (the server page, the REST route, the on-device page).
+MAX_FILES = 16
 
 
 def default_model_uri(shipped_model_dir: Path) -> str | None:
@@ -34,9 +37,8 @@ def parse_args(argv: list[str], shipped_model_dir: Path, description: str = "") 
                         help="also ask for a public gradio.live link (env GRADIO_SHARE)")
     parser.add_argument("--model-uri",
                         default=os.environ.get("PNEUMONIA_MODEL_URI") or default_model_uri(shipped_model_dir),
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported model folder "
-                             "(env PNEUMONIA_MODEL_URI; default: a `model/` export beside app.py, as on a "
-                             "Space, else the production alias)")
+                        help=model_uri_help("env PNEUMONIA_MODEL_URI, else a `model/` export beside app.py, as "
+                                            "on a Space, else the production alias"))
     parser.add_argument("--max-file-mb", type=float,
                         default=float(os.environ.get("PNEUMONIA_MAX_FILE_MB", MAX_FILE_BYTES / 1e6)),
                         help="largest file accepted, in MB: at most the decoder's own limit, the default "

@@ -23,14 +23,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scoring import checks
+from scoring import checks, wording
+from scoring.card import NOT_A_DEVICE
 from scoring.decision import CLASS_NAMES
 from scoring.imaging import decode_greyscale
 from scoring.pixels import MAX_FILE_BYTES
 from scoring.store import ARTEFACT_NAME, ModelUnavailableError
 from serving import gradio_workarounds as workarounds
-from serving.card import NOT_A_DEVICE
-from serving.overlay import heatmap, overlay
+from serving import results as app_results
+from serving import server_page
+from serving import service as service_module
+from serving.overlay import OVERLAY_MAX_SIDE, heatmap, overlay
 from tests import image_factory as factory
 from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, client_for, column, launched, write
 
@@ -51,22 +54,22 @@ def probability_of(service, data: bytes) -> float | None:
 
 
 def expected_details(service, entries: list[tuple[str, Path | None, str | None]]) -> dict:
-    """The JSON's shape: the model, and per file its name, `Prediction.record()`'s fields and the gate score,
-    as the shared serving path gives them for the file at `path` (None: refused with `error`)."""
-    return {"model_name": "tiny-test-model", "model_version": "7", "model_source": "exported folder tiny",
-            "threshold": service.predictor.threshold,
+    """The JSON's shape, as `POST /api/v1/predict` answers: the model, and per file its name and
+    `Prediction.record()`, as the shared serving path gives them for the file at `path` (None: refused with
+    `error`)."""
+    return {"model": {"name": "tiny-test-model", "version": "7", "threshold": service.predictor.threshold},
             "results": [expected_entry(service, name, path, error) for name, path, error in entries]}
 
 
 def expected_entry(service, name: str, path: Path | None, error: str | None) -> dict:
     if path is None:
-        return {"file": name, "probability_pneumonia": None, "label": None, "error": error, "triage": None,
+        return {"name": name, "probability_pneumonia": None, "label": None, "error": error, "triage": None,
                 "subtype": None, "probability_viral": None, "note": None, "ood_score": None}
     (prediction,) = service.predictor.predict([("x", Path(path).read_bytes())])
     record = prediction.record()
     for key in ("probability_pneumonia", "probability_viral"):
         record[key] = pytest.approx(record[key], abs=1e-6)
-    return {"file": name, **record, "ood_score": prediction.ood_score}
+    return {"name": name, **record}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def supported_files(folder: Path) -> dict[str, str]:
 
 def test_every_supported_format_is_scored(app_module, service, tmp_path):
     files = supported_files(tmp_path)
-    outcome = app_module.predict_files(list(files.values()), service)
+    outcome = app_results.predict_files(list(files.values()), service)
     results = rows(outcome)
     assert set(results) == set(files)
     for name, (probability, label, note) in results.items():
@@ -112,22 +115,24 @@ def test_every_supported_format_is_scored(app_module, service, tmp_path):
     assert f"Scored {len(files)} of {len(files)} files" in outcome.status
     # The table and the JSON details name files, never the server's upload paths.
     assert column(outcome.table(), "file") == list(files)
-    assert [entry["file"] for entry in outcome.details["results"]] == list(files)
+    assert [entry["name"] for entry in outcome.details["results"]] == list(files)
     assert str(tmp_path) not in json.dumps(outcome.details) + outcome.status
 
 
 def test_single_image_gives_label_with_threshold_and_heatmap(app_module, service):
-    outcome = app_module.predict_files([str(EXAMPLES[0])], service)
+    outcome = app_results.predict_files([str(EXAMPLES[0])], service)
     result = outcome.results[0]
     text = outcome.result_text()
     # The decision once, as the heading; the figures in percent, as everywhere on the page.
-    assert text.startswith(f"### {app_module.result_words(result)}\n")
-    assert text.count(app_module.result_words(result)) == 1
-    assert f"**{result.probability:.1%}**" in text and f"threshold of {service.predictor.threshold:.1%}" in text
-    assert f"**{result.label}**" in text and EXAMPLES[0].name in text
+    assert text.startswith(f"### {app_results.result_words(result)}\n")
+    assert text.count(app_results.result_words(result)) == 1
+    # The decision sentence every page shows (scoring.wording), here for the selected file.
+    assert wording.decision_sentence(result.record(), service.predictor.threshold) in text
+    assert f"{result.label}: probability of pneumonia {result.probability:.1%}, threshold " \
+           f"{service.predictor.threshold:.1%}" in text and EXAMPLES[0].name in text
     assert outcome.overlay.dtype == np.uint8 and outcome.overlay.shape == (224, 224, 3)
     table = outcome.table()
-    assert table["headers"] == app_module.COLUMNS
+    assert table["headers"] == app_results.COLUMNS
     assert column(table, "file") == [EXAMPLES[0].name]
 
 
@@ -146,7 +151,7 @@ def test_examples_exist_for_both_classes():
 
 def test_details_give_model_threshold_and_one_entry_per_file(app_module, service, tmp_path):
     bad = write(tmp_path, "notes.txt", b"patient notes, not an image\n" * 20)
-    outcome = app_module.predict_files([str(EXAMPLES[0]), bad, str(EXAMPLES[-1])], service)
+    outcome = app_results.predict_files([str(EXAMPLES[0]), bad, str(EXAMPLES[-1])], service)
     details = outcome.details
     assert details == expected_details(service, [
         (EXAMPLES[0].name, EXAMPLES[0], None),
@@ -155,20 +160,20 @@ def test_details_give_model_threshold_and_one_entry_per_file(app_module, service
     ])
     # The rows the table shows: probabilities in percent there, fractions in the JSON; the same refusal.
     table = outcome.table()
-    assert column(table, "file") == [e["file"] for e in details["results"]]
-    assert column(table, "probability of pneumonia") == [app_module.percent(e["probability_pneumonia"])
+    assert column(table, "file") == [e["name"] for e in details["results"]]
+    assert column(table, "probability of pneumonia") == [wording.percent(e["probability_pneumonia"])
                                                          for e in details["results"]]
     assert column(table, "note")[1].startswith(details["results"][1]["error"])
     assert json.loads(json.dumps(details)) == details
 
 
 def test_details_of_a_request_with_nothing_scored(app_module, service, tmp_path):
-    outcome = app_module.predict_files([write(tmp_path, "x.jpg", b"GIF89a garbage")], service)
-    assert outcome.details["model_name"] == "tiny-test-model" and outcome.details["model_version"] == "7"
+    outcome = app_results.predict_files([write(tmp_path, "x.jpg", b"GIF89a garbage")], service)
+    assert outcome.details["model"] == {"name": "tiny-test-model", "version": "7", "threshold": 0.5}
     (entry,) = outcome.details["results"]
-    assert entry["file"] == "x.jpg" and entry["probability_pneumonia"] is None and entry["label"] is None
+    assert entry["name"] == "x.jpg" and entry["probability_pneumonia"] is None and entry["label"] is None
     assert "not a recognised image" in entry["error"]
-    assert app_module.predict_files([], service).details == {}  # nothing uploaded: nothing to describe
+    assert app_results.predict_files([], service).details == {}  # nothing uploaded: nothing to describe
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,7 +206,7 @@ IMPLAUSIBLE = ("colour-photo.png", "strip.png", "flat.png")  # decode fine, refu
 def test_bad_inputs_get_clear_messages_and_good_ones_are_still_scored(app_module, service, tmp_path):
     bad = bad_files(tmp_path)
     paths = [path for path, _ in bad.values()] + [str(EXAMPLES[0])]
-    outcome = app_module.predict_files(paths, service)
+    outcome = app_results.predict_files(paths, service)
     results = rows(outcome)
     for name, (_, fragment) in bad.items():
         probability, label, note = results[name]
@@ -217,7 +222,7 @@ def test_bad_inputs_get_clear_messages_and_good_ones_are_still_scored(app_module
 def test_plausibility_refusals_come_from_serving_checks(app_module, service, tmp_path, monkeypatch):
     bad = bad_files(tmp_path)
     paths = [bad[name][0] for name in IMPLAUSIBLE]
-    results = rows(app_module.predict_files(paths, service))
+    results = rows(app_results.predict_files(paths, service))
     for name, path in zip(IMPLAUSIBLE, paths, strict=True):
         data = Path(path).read_bytes()
         expected = checks.implausibility(data, decode_greyscale(data))
@@ -225,16 +230,16 @@ def test_plausibility_refusals_come_from_serving_checks(app_module, service, tmp
         assert results[name][2] == expected
     # The app has no checks of its own: without scoring.checks' verdict the same files are scored.
     monkeypatch.setattr(checks, "implausibility", lambda data, grey: None)
-    unchecked = rows(app_module.predict_files(paths, service))
+    unchecked = rows(app_results.predict_files(paths, service))
     assert all(0.0 <= probability <= 1.0 and note == "" for probability, _, note in unchecked.values())
     # The page states the checks as scoring.checks applies them.
-    assert checks.CHECKS_TEXT in app_module.CHECKS_MARKDOWN
+    assert checks.CHECKS_TEXT in server_page.CHECKS_MARKDOWN
     assert f"above {checks.COLOUR_SPREAD_LIMIT:.0f} of 255" in checks.CHECKS_TEXT
     assert f"over {checks.MAX_ASPECT:.0f} times the other" in checks.CHECKS_TEXT
 
 
 def test_only_bad_inputs_give_no_label_or_heatmap(app_module, service, tmp_path):
-    outcome = app_module.predict_files([write(tmp_path, "x.jpg", b"GIF89a garbage")], service)
+    outcome = app_results.predict_files([write(tmp_path, "x.jpg", b"GIF89a garbage")], service)
     assert outcome.result_text() == "" and outcome.overlay is None and outcome.shown is None
     assert "not a recognised image" in outcome.results[0].error
     assert "Scored 0 of 1 file" in outcome.status
@@ -242,18 +247,19 @@ def test_only_bad_inputs_give_no_label_or_heatmap(app_module, service, tmp_path)
 
 def test_a_file_over_the_size_limit_gets_its_row_and_the_others_are_scored(app_module, service, tmp_path):
     big = write(tmp_path, "big.png", b"\x89PNG" + bytes(27_000_000))
-    outcome = app_module.predict_files([big, str(EXAMPLES[0])], service, max_file_bytes=20_000_000)
+    outcome = app_results.predict_files([big, str(EXAMPLES[0])], service, max_file_bytes=20_000_000)
     over, scored = outcome.results
-    assert over.error.startswith("file is 27 MB, over the 20 MB limit: not scored. Export the X-ray")
+    assert over.error == "file is 27 MB, over the 20 MB limit"  # the decoder's own words, before reading it
+    assert column(outcome.table(), "note")[0].startswith("file is 27 MB, over the 20 MB limit. Export the X-ray")
     assert scored.scored and outcome.shown == 1
-    assert column(outcome.table(), "result") == ["Not scored", app_module.result_words(scored)]
+    assert column(outcome.table(), "result") == ["Not scored", app_results.result_words(scored)]
     assert "Scored 1 of 2 files" in outcome.status and "`big.png`: file is 27 MB" in outcome.status
-    assert app_module.megabytes(100_000) == "0.1 MB" and app_module.megabytes(27_345_678) == "27.3 MB"
+    assert wording.megabytes(100_000) == "0.1 MB" and wording.megabytes(27_345_678) == "27.3 MB"
 
 
 def test_too_many_files(app_module, service):
     paths = [str(EXAMPLES[0])] * (app_module.MAX_FILES + 2)
-    outcome = app_module.predict_files(paths, service)
+    outcome = app_results.predict_files(paths, service)
     notes = column(outcome.table(), "note")
     assert len(notes) == len(paths)
     assert notes[: app_module.MAX_FILES] == [""] * app_module.MAX_FILES
@@ -271,23 +277,60 @@ def test_the_table_allocates_nothing_in_arrows_memory_pool(app_module, service, 
     pool = pyarrow.default_memory_pool()
     before = pool.num_allocations()
     bad = write(tmp_path, "notes.txt", b"not an image")
-    table = app_module.predict_files([str(EXAMPLES[0]), bad], service).table()
-    shown = gr.Dataframe(headers=app_module.COLUMNS, interactive=False).postprocess(table)
+    table = app_results.predict_files([str(EXAMPLES[0]), bad], service).table()
+    shown = gr.Dataframe(headers=app_results.COLUMNS, interactive=False).postprocess(table)
     assert [row[0] for row in shown.data] == [EXAMPLES[0].name, "notes.txt"]
     assert pool.num_allocations() == before
 
 
-def test_the_queue_summarises_few_events_and_seldom(app_module):
+def test_the_queue_summarises_few_events_and_seldom(app_module, service, monkeypatch):
     """Gradio's monitoring summary, rebuilt over the last 10,000 events after every event, grew the app's
-    memory and CPU per request with the requests served."""
-    queue = app_module.demo._queue
-    assert queue.ANALYTICS_MAX_EVENTS == workarounds.ANALYTICS_EVENTS_KEPT
-    assert queue.ANAYLTICS_CACHE_FREQUENCY == workarounds.ANALYTICS_SUMMARY_EVERY  # Gradio's spelling
+    memory and CPU per request with the requests served: the app bounds both with Gradio's own settings,
+    which its queue reads when it is made, and leaves values already in the environment alone."""
+    events, every = "GRADIO_ANALYTICS_MAX_EVENTS", "GRADIO_ANALYTICS_CACHE_FREQUENCY"
+    monkeypatch.delenv(events, raising=False)
+    monkeypatch.delenv(every, raising=False)
+    app_module.create_demo(service)
+    assert os.environ[events] == str(workarounds.ANALYTICS_EVENTS_KEPT)
+    assert os.environ[every] == str(workarounds.ANALYTICS_SUMMARY_EVERY)
+    monkeypatch.setenv(events, "7")
+    app_module.create_demo(service)
+    assert os.environ[events] == "7"
+
+
+def test_the_queue_refuses_what_it_cannot_hold(app_module, service, monkeypatch):
+    """One event runs at a time and QUEUE_SIZE wait: the next one is refused ("Queue is full", HTTP 503)."""
+    running, release = threading.Event(), threading.Event()
+    score = server_page.score_and_render
+
+    def held(*args):
+        running.set()
+        release.wait(60)
+        return score(*args)
+
+    monkeypatch.setattr(server_page, "score_and_render", held)
+    demo = app_module.create_demo(service)
+    url = launched(demo)
+    try:
+        fn_index = next(index for index, fn in demo.fns.items() if fn.api_name == "predict_files")
+        join = f"{url.rstrip('/')}/gradio_api/queue/join"
+
+        def send(session: int) -> int:
+            body = {"data": [None], "fn_index": fn_index, "session_hash": f"queue-test-{session}"}
+            return httpx.post(join, json=body, timeout=30).status_code
+
+        statuses = [send(0)]
+        assert running.wait(30)  # the first event holds the model thread; the others wait
+        statuses += [send(session) for session in range(1, app_module.QUEUE_SIZE + 2)]
+    finally:
+        release.set()
+        demo.close()
+    assert statuses == [200] * (app_module.QUEUE_SIZE + 1) + [503]
 
 
 def test_nothing_uploaded(app_module, service):
     for nothing in (None, []):
-        outcome = app_module.predict_files(nothing, service)
+        outcome = app_results.predict_files(nothing, service)
         assert outcome.results == [] and "Upload" in outcome.status
 
 
@@ -361,7 +404,7 @@ def test_overlay_leaves_the_image_alone_where_the_heatmap_is_zero():
 
 
 def test_app_overlay_is_the_map_for_its_decision(app_module, service):
-    outcome = app_module.predict_files([str(EXAMPLES[0])], service)
+    outcome = app_results.predict_files([str(EXAMPLES[0])], service)
     (result,) = outcome.results
     prediction = cam_of(service, decode_greyscale(EXAMPLES[0].read_bytes()))
     towards = result.label == CLASS_NAMES[1]
@@ -372,8 +415,8 @@ def test_app_overlay_is_the_map_for_its_decision(app_module, service):
 
 def test_large_images_get_an_overlay_of_bounded_size(app_module, service, tmp_path):
     big = np.asarray(Image.fromarray(factory.xray()).resize((800, 1000)))  # 1000 high, 800 wide
-    outcome = app_module.predict_files([write(tmp_path, "big.png", factory.png(big))], service)
-    side = app_module.OVERLAY_MAX_SIDE
+    outcome = app_results.predict_files([write(tmp_path, "big.png", factory.png(big))], service)
+    side = OVERLAY_MAX_SIDE
     assert outcome.overlay.shape == (side, round(800 * side / 1000), 3)
 
 
@@ -391,7 +434,7 @@ def test_the_map_comes_from_the_one_model_run_that_scores(app_module, service, m
 
     monkeypatch.setattr(artefact, "run", counting)
     paths = [str(path) for path in EXAMPLES] + [write(tmp_path, "notes.txt", b"not an image")]
-    outcome = app_module.predict_files(paths, service)
+    outcome = app_results.predict_files(paths, service)
     assert calls == [(len(EXAMPLES), True)]
     # With the CAM or without it, the same probabilities.
     plain = service.predictor.predict_paths([Path(p) for p in paths])
@@ -404,8 +447,8 @@ def test_the_map_comes_from_the_one_model_run_that_scores(app_module, service, m
 
 def test_model_loads_once_on_first_use_not_per_request(app_module, tiny_bundle, monkeypatch):
     calls = []
-    real = app_module.load_artefact
-    monkeypatch.setattr(app_module, "load_artefact", lambda uri: calls.append(uri) or real(uri))
+    real = service_module.load_artefact
+    monkeypatch.setattr(service_module, "load_artefact", lambda uri: calls.append(uri) or real(uri))
     service = app_module.ModelService(str(tiny_bundle))
     demo = app_module.create_demo(service)
     assert calls == []  # building the app loads nothing
@@ -417,14 +460,14 @@ def test_model_loads_once_on_first_use_not_per_request(app_module, tiny_bundle, 
 
 def test_concurrent_first_requests_load_the_model_once(app_module, tiny_bundle, monkeypatch):
     calls = []
-    real = app_module.load_artefact
+    real = service_module.load_artefact
 
     def slow_load(uri):
         calls.append(uri)
         time.sleep(0.2)  # a wide window for a second loader to slip in
         return real(uri)
 
-    monkeypatch.setattr(app_module, "load_artefact", slow_load)
+    monkeypatch.setattr(service_module, "load_artefact", slow_load)
     service = app_module.ModelService(str(tiny_bundle))
     with concurrent.futures.ThreadPoolExecutor(4) as callers:
         ready = list(callers.map(lambda _: service.ready, range(4)))
@@ -439,8 +482,8 @@ def test_unreadable_model_file_becomes_a_message_not_a_crash(app_module, tmp_pat
     assert not service.ready and str(folder) in service.problem
     assert "corrupt" in service.problem and "make repro" in service.problem
     with pytest.raises(ModelUnavailableError):
-        app_module.predict_files([str(EXAMPLES[0])], service)
-    assert "No model is loaded" in app_module.model_panel(service)
+        app_results.predict_files([str(EXAMPLES[0])], service)
+    assert "No model is loaded" in app_results.model_panel(service)
     # A folder with no artefact at all says so.
     empty = app_module.ModelService(str(tmp_path)).load()
     assert not empty.ready and ARTEFACT_NAME in empty.problem
@@ -472,10 +515,10 @@ def test_no_registered_model_explains_how_to_train(app_module, no_registered_mod
     assert not service.ready
     assert "make repro" in service.problem and "models:/pneumonia-cnn@production" in service.problem
     with pytest.raises(ModelUnavailableError):
-        app_module.predict_files([str(EXAMPLES[0])], service)
-    assert app_module.predict_files([], service).status == app_module.UPLOAD_PROMPT  # a cleared box
-    assert "make repro" in app_module.model_panel(service)
-    assert app_module.no_model_message(service).count("make repro") == 1  # the remedy, said once
+        app_results.predict_files([str(EXAMPLES[0])], service)
+    assert app_results.predict_files([], service).status == app_results.UPLOAD_PROMPT  # a cleared box
+    assert "make repro" in app_results.model_panel(service)
+    assert app_results.no_model_message(service).count("make repro") == 1  # the remedy, said once
 
 
 @pytest.mark.slow  # imports MLflow
@@ -491,14 +534,14 @@ def test_missing_model_explains_how_to_train(app_module, no_model_service):
     assert not no_model_service.ready
     assert "not-exported" in no_model_service.problem
     with pytest.raises(ModelUnavailableError):
-        app_module.predict_files([str(EXAMPLES[0])], no_model_service)
-    assert app_module.predict_files([], no_model_service).status == app_module.UPLOAD_PROMPT  # a cleared box
-    assert "make repro" in app_module.model_panel(no_model_service)
-    assert "make repro" in app_module.no_model_message(no_model_service)
+        app_results.predict_files([str(EXAMPLES[0])], no_model_service)
+    assert app_results.predict_files([], no_model_service).status == app_results.UPLOAD_PROMPT  # a cleared box
+    assert "make repro" in app_results.model_panel(no_model_service)
+    assert "make repro" in app_results.no_model_message(no_model_service)
 
 
 def test_model_panel_shows_the_card(app_module, service, tiny_bundle):
-    panel = app_module.model_panel(service)
+    panel = app_results.model_panel(service)
     for shown in ("tiny-test-model version 7", "2023-11-14 22:13 UTC", "`0123abc`", "50.0% probability of pneumonia",
                   "(0.5000 in the JSON)", "Youden's index", "calibration: platt", "12 images",
                   "| ROC-AUC | 0.610 | 0.420 to 0.800 |", NOT_A_DEVICE, "Served from `exported folder tiny` (version 7)"):
@@ -546,8 +589,7 @@ def test_parse_args_defaults_and_environment(app_module, monkeypatch, tmp_path):
 
 def test_module_level_demo_is_bounded_and_cleans_its_cache(app_module):
     demo = app_module.demo
-    assert demo.delete_cache == app_module.DELETE_CACHE
-    assert demo._queue.max_size == app_module.QUEUE_SIZE
+    assert demo.delete_cache == server_page.DELETE_CACHE  # its queue's bounds: the two tests above
     assert not demo.analytics_enabled
 
 
@@ -572,7 +614,7 @@ def test_client_prediction_through_the_named_endpoint(live_app, service):
     result, heatmap_path, table, status, details = client.predict(handle_file(str(EXAMPLES[0])),
                                                                   api_name="/predict")
     expected = probability_of(service, EXAMPLES[0].read_bytes())
-    assert f"**{expected:.1%}**" in result and result.startswith("### ")
+    assert f"probability of pneumonia {expected:.1%}" in result and result.startswith("### ")
     with Image.open(heatmap_path) as image:
         assert image.size == (224, 224) and image.mode == "RGB"
     assert table["headers"] == ["file", "result", "probability of pneumonia", "note"]
@@ -592,7 +634,7 @@ def test_client_several_files_give_a_table(live_app, tmp_path):
     assert all(row[2].endswith("%") and row[1] != "Not scored" for row in table["data"][:-1])
     assert table["data"][-1][1:3] == ["Not scored", ""] and "not a recognised image" in table["data"][-1][3]
     assert result and f"Scored {len(EXAMPLES)} of {len(EXAMPLES) + 1} files" in status
-    assert [entry["file"] for entry in details["results"]] == [row[0] for row in table["data"]]
+    assert [entry["name"] for entry in details["results"]] == [row[0] for row in table["data"]]
     assert all(0.0 <= entry["probability_pneumonia"] <= 1.0 for entry in details["results"][:-1])
     assert table["data"][-1][3].startswith(details["results"][-1]["error"])
 
@@ -605,7 +647,7 @@ def test_client_non_image_gets_our_message(live_app, service, tmp_path):
     result, heatmap_path, table, status, details = client.predict(handle_file(path), api_name="/predict")
     assert result == "" and heatmap_path is None
     row = table["data"][0]
-    assert row[0] == "report.pdf" and "not a recognised image (expected PNG, JPEG or DICOM). Send the X-ray" in row[3]
+    assert row[0] == "report.pdf" and "not a recognised image (expected PNG, JPEG or DICOM). Choose the chest X-ray" in row[3]
     assert "Scored 0 of 1 file" in status
     message = "not a recognised image (expected PNG, JPEG or DICOM)"
     assert details == expected_details(service, [("report.pdf", None, message)])
@@ -621,7 +663,7 @@ def test_a_file_over_the_limit_gets_a_row_and_only_the_ceiling_is_refused(live_a
     # Over the app's 0.1 MB limit but under Gradio's ceiling: its own row, and the other file is scored.
     _, _, table, status, _ = client.predict([handle_file(big), handle_file(str(EXAMPLES[0]))],
                                             api_name="/predict_files")
-    assert re.match(r"file is 0\.1\d* MB, over the 0\.1 MB limit: not scored\. Export", table["data"][0][3])
+    assert re.match(r"file is 0\.1\d* MB, over the 0\.1 MB limit\. Export", table["data"][0][3])
     assert table["data"][1][2].endswith("%") and "Scored 1 of 2 files" in status
     # Over Gradio's ceiling (5 x the limit) the server itself answers 413, before anything is stored.
     huge = write(tmp_path, "huge.png", bytes(600_000))
@@ -678,13 +720,13 @@ def test_malloc_tuning_defers_to_the_environment(app_module, monkeypatch):
 
 def test_model_work_runs_on_one_thread_whichever_thread_asks(app_module, service, monkeypatch):
     seen: set[str] = set()
-    score = app_module.score_and_render
+    score = server_page.score_and_render
 
     def recording(*args):
         seen.add(threading.current_thread().name)
         return score(*args)
 
-    monkeypatch.setattr(app_module, "score_and_render", recording)
+    monkeypatch.setattr(server_page, "score_and_render", recording)
     demo = app_module.create_demo(service=service)
     on_predict = next(event.fn for event in demo.fns.values() if event.api_name == "predict")
     with concurrent.futures.ThreadPoolExecutor(4) as callers:

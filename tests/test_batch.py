@@ -20,7 +20,7 @@ from tests.helpers import EXAMPLES, FIXTURE_DATASET, PROJECT, project_env, run
 
 MODEL_NAME = "pneumonia-cnn"
 COLUMNS = ["path", "probability_pneumonia", "label", "error", "triage", "subtype", "probability_viral", "note",
-           "threshold", "model_name", "model_version"]
+           "ood_score", "threshold", "model_name", "model_version"]
 
 REGISTER = """
 import mlflow

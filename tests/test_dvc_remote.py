@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from serving import results as app_results
 from tests.helpers import EXAMPLES, PROJECT, create_project, run
 
 pytestmark = pytest.mark.slow
@@ -74,7 +75,7 @@ def test_push_then_pull_in_a_fresh_clone_serves_the_model_without_retraining(pus
     assert service.ready, service.problem
     assert service.predictor.decision.model_name == "pneumonia-cnn"
     assert service.predictor.decision.model_version == "1"
-    outcome = app.predict_files([str(EXAMPLES[0])], service, max_file_bytes=20 * 1024 * 1024)
+    outcome = app_results.predict_files([str(EXAMPLES[0])], service, max_file_bytes=20 * 1024 * 1024)
     assert outcome.results[0].error is None and outcome.results[0].label in ("NORMAL", "PNEUMONIA")
 
     # The predict CLI in the clone, on the pulled model, agrees with the clone that trained it.

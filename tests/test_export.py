@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.export import CARD_FILE, main
 from scoring import decision as decisions
+from scoring.card import card_markdown
 from scoring.decision import Decision
 from scoring.runtime import Predictor, ServingArtefact
 from scoring.store import (
@@ -26,7 +27,6 @@ from scoring.store import (
     artefact_path,
     load_artefact,
 )
-from serving.card import card_markdown
 from tests import image_factory as factory
 from tests.helpers import KERAS_SAVE_WARNING, PROJECT
 

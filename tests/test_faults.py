@@ -29,6 +29,7 @@ import yaml
 from pipeline.download import cache_file_name
 from scoring.locations import MODEL_NAME, PRODUCTION_ALIAS
 from scoring.store import ModelUnavailableError
+from serving import results as app_results
 from tests.helpers import (
     PROJECT,
     create_project,
@@ -342,11 +343,11 @@ def test_production_model_files_missing_or_corrupt(broken_store, app_module: Mod
     # Which model, what is wrong with its files, and what to do: on one line.
     assert problem and production in problem and damage in problem and "make repro" in problem, problem
     assert "Traceback" not in problem and "\n" not in problem, problem
-    assert problem in app_module.no_model_message(service)
-    assert problem in app_module.model_panel(service)
+    assert problem in app_results.no_model_message(service)
+    assert problem in app_results.model_panel(service)
     assert app_module.create_demo(service) is not None  # the page still comes up, saying why
     with pytest.raises(ModelUnavailableError, match="make repro"):
-        app_module.predict_files([str(fixture_images[0])], service)
+        app_results.predict_files([str(fixture_images[0])], service)
 
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "pipeline.predict", str(fixture_images[0])], cwd=tmp_path,
@@ -439,4 +440,4 @@ def test_app_with_an_unreachable_tracking_server_says_so(app_module: ModuleType,
     assert time.monotonic() - started < FAST_FAIL_S
     assert not service.ready
     assert f"MLflow tracking server {uri} is unreachable" in service.problem, service.problem
-    assert service.problem in app_module.no_model_message(service)
+    assert service.problem in app_results.no_model_message(service)

@@ -28,6 +28,7 @@ from PIL import Image
 from scoring import checks
 from scoring.decision import CLASS_NAMES
 from scoring.imaging import MAX_FILE_BYTES, ImageDecodeError, decode_greyscale, read_bytes
+from serving import results as app_results
 from tests import image_factory as factory
 from tests.helpers import KERAS_SAVE_WARNING, PROJECT, client_for, column, launched
 from tests.hostile_corpus import ERROR, PREDICTION, Case, build_corpus, fixture_xray
@@ -132,13 +133,13 @@ def test_every_input_through_the_app_prediction_function(app_module, service, co
     failures, timings = [], {}
     for case in corpus:
         started = time.perf_counter()
-        outcome = app_module.predict_files([str(case.path)], service)
+        outcome = app_results.predict_files([str(case.path)], service)
         timings[case.name] = time.perf_counter() - started
         (result,) = outcome.results
         assert result.name == str(case.path)
         # What the user sees names the file as it is, never as a path.
         assert column(outcome.table(), "file") == [case.name]
-        assert [entry["file"] for entry in outcome.details["results"]] == [case.name]
+        assert [entry["name"] for entry in outcome.details["results"]] == [case.name]
         _checked(case, result.probability, result.error, failures)
         if result.probability is not None:
             assert result.label == service.predictor.decision.label(result.probability)
@@ -155,7 +156,7 @@ def test_mixed_batches_keep_order_and_outcomes(app_module, service, corpus):
     failures = []
     for start in range(0, len(corpus), app_module.MAX_FILES):
         batch = corpus[start:start + app_module.MAX_FILES]
-        outcome = app_module.predict_files([str(case.path) for case in batch], service)
+        outcome = app_results.predict_files([str(case.path) for case in batch], service)
         assert [r.name for r in outcome.results] == [str(case.path) for case in batch]
         assert column(outcome.table(), "file") == [case.name for case in batch]
         for case, result in zip(batch, outcome.results, strict=True):
@@ -222,7 +223,7 @@ def test_every_input_through_the_launched_app(live_app, corpus, app_module):
         assert len(rows) == len(entries) == len(batch)
         for case, entry, row in zip(batch, entries, rows, strict=True):
             # Gradio stores uploads under a sanitised name; whatever it is, it is a bare name.
-            assert entry["file"] == row[0] and entry["file"] and "/" not in entry["file"], entry["file"]
+            assert entry["name"] == row[0] and entry["name"] and "/" not in entry["name"], entry["name"]
             _checked(case, entry["probability_pneumonia"], entry["error"], failures)
             if entry["probability_pneumonia"] is not None:
                 assert entry["label"] in CLASS_NAMES and row[2].endswith("%")
@@ -350,7 +351,7 @@ def test_fuzz_app_function_agrees_with_predictor_and_never_raises(app_module, se
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        outcome = app_module.predict_files([str(fuzz_file)], service)
+        outcome = app_results.predict_files([str(fuzz_file)], service)
         (result,) = outcome.results
         (direct,) = service.predictor.predict([("upload.bin", data)])
     assert time.perf_counter() - started < SECONDS_PER_INPUT

@@ -506,8 +506,9 @@ def test_size_cap():
 
 def test_size_cap_message_is_readable_for_small_limits():
     error = expect_error(b"x" * 5000, max_bytes=1000)
-    assert "0 MB" not in str(error)
-    assert "1 kB" in str(error) or "1000 bytes" in str(error)
+    assert "0 MB" not in str(error) and "e-0" not in str(error)
+    assert str(error) == "file is 0.005 MB, over the 0.001 MB limit"  # sizes in MB, as every message gives them
+    assert "over the 999 bytes limit" in str(expect_error(b"x" * 5000, max_bytes=999))
 
 
 def test_read_bytes_missing_file(tmp_path):

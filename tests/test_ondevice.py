@@ -31,6 +31,7 @@ from PIL import Image
 
 from scoring.decision import Decision
 from serving import ondevice
+from serving.settings import MAX_FILES
 from tests import image_factory as factory
 from tests.helpers import CHROMIUM, EXAMPLES, FIXTURE_DATASET, KERAS_SAVE_WARNING, PROJECT, launched, raw_get
 
@@ -288,12 +289,12 @@ def test_js_decision_rules_are_serving_decisions():
 
 @needs_node
 def test_js_percent_is_the_server_pages_display():
-    from serving.card import percent
+    from scoring.wording import PERCENT_CEILING, PERCENT_FLOOR, percent
 
     values = [None, 0.0, 0.0004, 0.000999, 0.001, 0.0123, 0.5, 0.98765, 0.999, 0.9991, 1.0]
     values += np.random.default_rng(6).random(200).tolist()
     got = run_js("return input.values.map((v) => rules.percent(v, ...input.shown));",
-                 {"values": values, "shown": [ondevice.PERCENT_FLOOR, ondevice.PERCENT_CEILING]})
+                 {"values": values, "shown": [PERCENT_FLOOR, PERCENT_CEILING]})
     assert got[:11] == ["", "< 0.1%", "< 0.1%", "< 0.1%", "0.1%", "1.2%", "50.0%", "98.8%", "99.9%", "> 99.9%",
                         "> 99.9%"]
     assert got == [percent(v) for v in values]
@@ -524,7 +525,7 @@ def test_config_is_the_artefacts_decision_and_the_servers_limits(client, service
     assert config["model"]["bytes"] == len(data)
     assert config["model"] == {"url": "model.onnx", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert config["limits"] == {"max_file_bytes": MAX_FILE_BYTES, "max_pixels": pixels.MAX_PIXELS,
-                                "min_side": pixels.MIN_SIDE, "max_files": ondevice.DEFAULT_MAX_FILES,
+                                "min_side": pixels.MIN_SIDE, "max_files": MAX_FILES,
                                 "bomb_pixels": 2 * Image.MAX_IMAGE_PIXELS}
     assert config["checks"]["max_aspect"] == checks.MAX_ASPECT
     assert config["checks"]["colour_spread_limit"] == checks.COLOUR_SPREAD_LIMIT
@@ -702,8 +703,8 @@ def record_mismatches(name: str, device: dict, server) -> tuple[list[str], list[
 def agree(page, predictor, paths: list[Path]) -> list[float]:
     """Score `paths` in the page and on the server; fail on any field that differs; the probability differences."""
     mismatches, differences = [], []
-    for start in range(0, len(paths), ondevice.DEFAULT_MAX_FILES):
-        batch = paths[start:start + ondevice.DEFAULT_MAX_FILES]
+    for start in range(0, len(paths), MAX_FILES):
+        batch = paths[start:start + MAX_FILES]
         server = predictor.predict([(p.name, p.read_bytes()) for p in batch], max_bytes=MAX_FILE_BYTES)
         for path, device, want in zip(batch, score_in_page(page, batch), server):
             assert device["name"] == path.name
@@ -996,8 +997,8 @@ def test_hostile_corpus_gets_the_servers_outcomes_or_a_pointer_to_the_server(pag
     # Refused by both, in other words: pydicom reads this garbage as a dataset without pixels.
     other_words = {"dicm-then-garbage.dcm": "corrupt DICOM file: "}
     mismatches = []
-    for start in range(0, len(cases), ondevice.DEFAULT_MAX_FILES):
-        batch = [case.path for case in cases[start:start + ondevice.DEFAULT_MAX_FILES]]
+    for start in range(0, len(cases), MAX_FILES):
+        batch = [case.path for case in cases[start:start + MAX_FILES]]
         for path, device, server in zip(batch, score_in_page(page, batch), server_results(service, batch)):
             name = path.name
             if name in server_only:

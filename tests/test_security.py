@@ -24,6 +24,8 @@ import pytest
 from pipeline.export import CARD_FILE
 from scoring.decision import METADATA_KEY
 from scoring.store import ARTEFACT_NAME
+from serving import results as app_results
+from serving import server_page
 from tests import image_factory as factory
 from tests.helpers import EXAMPLES, KERAS_SAVE_WARNING, PROJECT, free_port, launched, raw_get
 from tests.hostile_corpus import fixture_xray
@@ -186,7 +188,8 @@ def test_upload_names_cannot_escape_the_cache(live_app, cache_dir):
 NO_TENSORFLOW_PROBE = """
 import sys
 import app
-outcome = app.predict_files([sys.argv[1]], app.SERVICE)
+from serving import results
+outcome = results.predict_files([sys.argv[1]], app.SERVICE)
 assert outcome.results[0].scored and outcome.overlay is not None, outcome.results
 label, heatmap, table, status, details = app.demo(sys.argv[1], api_name="predict")  # the whole event
 details = getattr(details, "root", details)  # in process, Gradio hands back its JsonData model
@@ -312,16 +315,17 @@ def test_no_dicom_tags_pixels_or_file_names_in_logs(app_module, service, live_ap
     demo = app_module.create_demo(service=service)
     caplog.set_level("DEBUG")
     caplog.set_level("DEBUG", logger="pydicom")
-    caplog.set_level("DEBUG", logger="app")
+    caplog.set_level("DEBUG", logger=server_page.log.name)
     demo([str(path)], api_name="predict_files")  # the event handler, in process
-    outcome = app_module.predict_files([str(path)], service)
+    outcome = app_results.predict_files([str(path)], service)
     assert outcome.results[0].probability is not None
     client = client_for(live_app, tmp_path / "downloads")
     _, _, table, _, details = client.predict([handle_file(str(path))], api_name="/predict_files")  # over HTTP
     assert table["data"][0][0] == name and table["data"][0][1] is not None
-    assert details["results"][0]["file"] == name  # the client gets its name back; the logs do not
+    assert details["results"][0]["name"] == name  # the client gets its name back; the logs do not
     told = caplog.text + " ".join(str(record.args) for record in caplog.records)
-    assert any(record.name == "app" and "scored 1 of 1" in record.getMessage() for record in caplog.records)
+    assert any(record.name == server_page.log.name and "scored 1 of 1" in record.getMessage()
+               for record in caplog.records)
     for secret in ("Zanzibar", "Quixote", "PID-", "19800101", "Gondwana", name, name.removesuffix(".dcm")):
         assert secret not in told, secret
     # Nor pixel values: the first row of the image does not appear as numbers.
@@ -333,16 +337,16 @@ def test_no_dicom_tags_pixels_or_file_names_in_logs(app_module, service, live_ap
 
 
 def test_upload_cache_policy_from_the_environment(app_module, monkeypatch):
-    monkeypatch.delenv(app_module.UPLOAD_TTL_ENV, raising=False)
-    assert app_module.upload_cache_policy() == app_module.DELETE_CACHE
-    monkeypatch.setenv(app_module.UPLOAD_TTL_ENV, "5")
-    assert app_module.upload_cache_policy() == (5, 5)
-    monkeypatch.setenv(app_module.UPLOAD_TTL_ENV, "3600")
-    assert app_module.upload_cache_policy() == (60, 3600)
+    monkeypatch.delenv(server_page.UPLOAD_TTL_ENV, raising=False)
+    assert server_page.upload_cache_policy() == server_page.DELETE_CACHE
+    monkeypatch.setenv(server_page.UPLOAD_TTL_ENV, "5")
+    assert server_page.upload_cache_policy() == (5, 5)
+    monkeypatch.setenv(server_page.UPLOAD_TTL_ENV, "3600")
+    assert server_page.upload_cache_policy() == (60, 3600)
     for bad in ("0", "-1", "soon", "1.5"):
-        monkeypatch.setenv(app_module.UPLOAD_TTL_ENV, bad)
-        with pytest.raises(ValueError, match=app_module.UPLOAD_TTL_ENV):
-            app_module.upload_cache_policy()
+        monkeypatch.setenv(server_page.UPLOAD_TTL_ENV, bad)
+        with pytest.raises(ValueError, match=server_page.UPLOAD_TTL_ENV):
+            server_page.upload_cache_policy()
 
 
 @pytest.mark.slow  # waits for the cache sweeps: 5 to 12 s
@@ -352,7 +356,7 @@ def test_uploads_and_heatmaps_are_deleted_after_their_age(app_module, service, t
     age = 2
     cache = tmp_path / "cache"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
-    monkeypatch.setenv(app_module.UPLOAD_TTL_ENV, str(age))
+    monkeypatch.setenv(server_page.UPLOAD_TTL_ENV, str(age))
     demo = app_module.create_demo(service=service)
     assert demo.delete_cache == (age, age)
     url = launched(demo)
@@ -395,5 +399,5 @@ def test_upload_boxes_are_still_drawn_as_file_components(app_module):
 
 def _example_copies(app_module, paths: set[Path]) -> set[Path]:
     """Gradio's copies of the app's own example images (public, and not uploads)."""
-    examples = {path.read_bytes() for path in app_module.EXAMPLES_DIR.glob("*.png")}
+    examples = {path.read_bytes() for path in server_page.EXAMPLES_DIR.glob("*.png")}
     return {path for path in paths if path.suffix == ".png" and path.read_bytes() in examples}

@@ -4,7 +4,8 @@
   dvc.yaml, so a change to it reruns the stage;
 - no stage imports another stage;
 - every output dvc.yaml declares is a path named in pipeline/paths.py;
-- the app and the serving package import nothing from the training package, nor TensorFlow or Keras.
+- the app and the serving package import nothing from the training package, nor TensorFlow or Keras;
+- the training package imports no serving client, and the register stage depends on no client at all.
 """
 
 from __future__ import annotations
@@ -85,63 +86,66 @@ def test_declared_outputs_are_the_paths_module_names():
             assert path in named, f"stage {name} writes {path}, which pipeline/paths.py does not name"
 
 
-def test_serving_imports_neither_training_code_nor_tensorflow():
-    """app.py, serving/ and scoring/ import nothing from `pipeline`, TensorFlow, Keras or tf2onnx, at module
-    level or inside a function: the serving process runs an ONNX graph only."""
-    forbidden = {"pipeline", "tensorflow", "keras", "tf_keras", "tf2onnx"}
-    problems = []
-    for path in [PROJECT / "app.py", *sorted((PROJECT / "serving").glob("*.py")),
-                 *sorted((PROJECT / "scoring").glob("*.py"))]:
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                modules = [node.module or ""]
-            else:
-                continue
-            problems += [f"{path.name}:{node.lineno} imports {module}" for module in modules
-                         if module.split(".")[0] in forbidden]
-    assert not problems, problems
-
-
-CLIENT_MODULES = ("app.py", "serving/gradio_workarounds.py", "serving/ondevice.py", "serving/overlay.py",
-                  "serving/rest.py", "serving/card.py")
-
-
-def _imports_gradio(path: Path) -> bool:
+def absolute_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every absolute import in `path`, at module level or inside a function."""
+    found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-        if any(name.split(".")[0] in ("gradio", "gradio_client", "fastapi") for name in names):
-            return True
-    return False
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.append((node.lineno, node.module or ""))
+    return found
 
 
-def test_registration_depends_on_the_scoring_core_only():
-    """A fix to the app, its Gradio workarounds or the browser page must not register a new model version:
-    none of them, nor anything importing Gradio, is a dependency of the register stage or travels in the
-    logged model."""
-    from pipeline.register import core_modules
+def forbidden_imports(paths: list[Path], forbidden: set[str]) -> list[str]:
+    return [f"{path.relative_to(PROJECT).as_posix()}:{line} imports {module}" for path in paths
+            for line, module in absolute_imports(path) if module.split(".")[0] in forbidden]
 
-    deps = [PROJECT / dep for dep in STAGES["register"]["deps"] if dep.endswith(".py")]
-    logged = [PROJECT / module for module in core_modules(PROJECT / "scoring" / "pyfunc_model.py")]
-    for path in {*deps, *logged}:
-        relative = path.relative_to(PROJECT).as_posix()
-        assert relative not in CLIENT_MODULES and not relative.startswith("serving/"), relative
-        assert not _imports_gradio(path), f"{relative} imports Gradio or FastAPI"
-    assert {"scoring/runtime.py", "scoring/pyfunc.py"} <= {p.relative_to(PROJECT).as_posix() for p in logged}
-    assert all(path.parent.name == "scoring" for path in logged)
+
+def modules_of(package: str) -> list[Path]:
+    return sorted((PROJECT / package).glob("*.py"))
+
+
+def test_serving_imports_neither_training_code_nor_tensorflow():
+    """app.py, serving/ and scoring/ import nothing from `pipeline`, TensorFlow, Keras or tf2onnx: the serving
+    process runs an ONNX graph only."""
+    paths = [PROJECT / "app.py", *modules_of("serving"), *modules_of("scoring")]
+    assert not forbidden_imports(paths, {"pipeline", "tensorflow", "keras", "tf_keras", "tf2onnx"})
+
+
+def test_the_pipeline_imports_no_serving_client():
+    """The stages and the command-line tools (predict, batch, export) are clients of the scoring core only:
+    no module of pipeline/ imports the app, the serving package or Gradio, so a change to a page never touches
+    what trains, registers or exports a model (the model card, `scoring.card`, is part of the core)."""
+    assert not forbidden_imports(modules_of("pipeline"), {"serving", "app", "gradio", "gradio_client", "fastapi"})
 
 
 def test_the_scoring_core_imports_none_of_its_clients():
     """The core turns bytes into a decision on its own: no module of it imports the pipeline, the serving
     clients, the app, Gradio, FastAPI or TensorFlow."""
     forbidden = {"pipeline", "serving", "app", "gradio", "gradio_client", "fastapi", "tensorflow", "keras"}
-    for path in sorted((PROJECT / "scoring").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            assert not forbidden & {name.split(".")[0] for name in names}, f"{path.name} imports {names}"
+    assert not forbidden_imports(modules_of("scoring"), forbidden)
+
+
+CLIENT_MODULES = ("app.py", *(path.relative_to(PROJECT).as_posix() for path in modules_of("serving")))
+# The command-line tools of pipeline/: the register stage scores and logs a model without any of them.
+COMMAND_LINE_CLIENTS = ("pipeline/predict.py", "pipeline/batch.py", "pipeline/export.py")
+
+
+def test_registration_depends_on_the_scoring_core_only():
+    """A fix to the app, its Gradio workarounds, the browser page or a command-line tool must not register a
+    new model version: none of them, nor anything importing Gradio, is a dependency of the register stage or
+    travels in the logged model."""
+    from pipeline.register import core_modules
+
+    deps = [PROJECT / dep for dep in STAGES["register"]["deps"] if dep.endswith(".py")]
+    logged = [PROJECT / module for module in core_modules(PROJECT / "scoring" / "pyfunc_model.py")]
+    for path in {*deps, *logged}:
+        relative = path.relative_to(PROJECT).as_posix()
+        assert relative not in (*CLIENT_MODULES, *COMMAND_LINE_CLIENTS), relative
+        assert not forbidden_imports([path], {"gradio", "gradio_client", "fastapi"}), relative
+    assert {"scoring/runtime.py", "scoring/pyfunc.py"} <= {p.relative_to(PROJECT).as_posix() for p in logged}
+    assert all(path.parent.name == "scoring" for path in logged)
 
 
 def test_promotion_compares_the_scores_as_reported():

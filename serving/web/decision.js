@@ -72,9 +72,9 @@ export function upright(grey, width, height, index, turns = 4) {
   return { grey: out, width: outWidth, height: outHeight };
 }
 
-/** How the page shows a probability, as the server page does (serving.card.percent): percent with one
- * decimal, "< 0.1%" below `floor` and "> 99.9%" above `ceiling`, "" for none. */
-export function percent(value, floor = 0.001, ceiling = 0.999) {
+/** How the page shows a probability, as the server page does (scoring.wording.percent): percent with one
+ * decimal, "< 0.1%" below `floor` and "> 99.9%" above `ceiling` (both from the page's config), "" for none. */
+export function percent(value, floor, ceiling) {
   if (value === null || value === undefined) return "";
   if (value < floor) return `< ${(100 * floor).toFixed(1)}%`;
   if (value > ceiling) return `> ${(100 * ceiling).toFixed(1)}%`;

@@ -11,7 +11,7 @@
 //
 // Everything except `decodeWithBrowser` runs in Node as well (the tests use that).
 
-import { ImageDecodeError, rgbaToGrey, stretchToUint8, thumbnailColourSpread } from "./imaging.js";
+import { ImageDecodeError, formatG, rgbaToGrey, stretchToUint8, thumbnailColourSpread } from "./imaging.js";
 import { decodeDicom } from "./dicom.js";
 
 export const DICOM_MAGIC_OFFSET = 128;
@@ -41,30 +41,17 @@ export function sniff(bytes) {
   return null;
 }
 
-function formatBytes(count) {
-  for (const [unit, scale] of [["MB", 1e6], ["kB", 1e3]]) {
-    if (count >= scale) return `${formatG3(count / scale)} ${unit}`;
-  }
-  return `${count} bytes`;
-}
-
-function formatG3(value) {
-  // Python's "{:.3g}" for the positive numbers formatBytes gives it.
-  const [mantissa, exponentText] = value.toExponential(2).split("e");
-  const exponent = Number(exponentText);
-  const strip = (t) => (t.includes(".") ? t.replace(/0+$/, "").replace(/\.$/, "") : t);
-  if (exponent < 3) return strip(value.toFixed(Math.max(0, 2 - exponent)));
-  return `${strip(mantissa)}e+${String(exponent).padStart(2, "0")}`;
-}
-
 const thousands = (n) => n.toLocaleString("en-US");
 
-/** scoring.imaging._check_size. */
+/** scoring.wording.megabytes: a size as every message gives it (MB, 10^6 bytes; under a kB in bytes). */
+const megabytes = (count) => (count < 1000 ? `${thousands(count)} bytes` : `${formatG(count / 1e6, 3)} MB`);
+
+/** scoring.imaging._check_size, in the words of scoring.wording.too_large. */
 export function checkSize(size, maxBytes) {
   if (size === 0) throw new ImageDecodeError("empty file (0 bytes)");
   if (size > maxBytes) {
-    let actual = formatBytes(size);
-    let limit = formatBytes(maxBytes);
+    let actual = megabytes(size);
+    let limit = megabytes(maxBytes);
     if (actual === limit) {
       actual = `${thousands(size)} bytes`;
       limit = `${thousands(maxBytes)}-byte`;

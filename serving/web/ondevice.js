@@ -8,7 +8,6 @@ import { ImageDecodeError, heatmap, implausibility, overlay, resizeUint8, roundH
 import { decodeGreyscale, decodeWithBrowser } from "./decode.js";
 import * as rules from "./decision.js";
 
-const SERVER_PAGE = "use the “On the server” page instead";
 // The smallest valid WebAssembly module: the header alone.
 const WASM_HEADER = new Uint8Array([0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00]);
 
@@ -111,9 +110,9 @@ class Scorer {
     try {
       decoded = await decodeGreyscale(bytes, env);
       const problem = implausibility(decoded.grey, decoded.width, decoded.height, decoded.spread, this.config.checks);
-      if (problem) return { name, probability: null, label: null, threshold, error: problem };
+      if (problem) return refused(name, threshold, problem);
     } catch (error) {
-      if (error instanceof ImageDecodeError) return { name, probability: null, label: null, threshold, error: error.message };
+      if (error instanceof ImageDecodeError) return refused(name, threshold, error.message);
       throw error;
     }
     const decodedAt = performance.now();
@@ -124,21 +123,21 @@ class Scorer {
     const found = rules.orientation(this.decision, scored.orientation);
     if (found === null) {
       const error = rules.refusal(this.decision, scored.ood, words.gate_refusal) || words.orientation_unclear;
-      return { name, probability: null, label: null, threshold, error, ood: scored.ood };
+      return refused(name, threshold, error, { ood_score: scored.ood });
     }
     if (found !== words.upright) {
       image = rules.upright(decoded.grey, decoded.width, decoded.height, found, words.orientations.length / 2);
       scored = await this.scoreGrey(image.grey, image.width, image.height);
-      note = words.upright_note.replace("{orientation}", words.orientations[found]);
+      note = fill(words.upright_note, { orientation: words.orientations[found] });
     }
     const finished = performance.now();
-    const refused = rules.refusal(this.decision, scored.ood, words.gate_refusal);
-    if (refused) return { name, probability: null, label: null, threshold, error: refused, note, ood: scored.ood };
+    const gate = rules.refusal(this.decision, scored.ood, words.gate_refusal);
+    if (gate) return refused(name, threshold, gate, { note, ood_score: scored.ood });
     const probability = scored.probability;
-    return { name, probability, label: rules.label(this.decision, probability), threshold, error: null,
-      triage: rules.triaged(this.decision, probability, words.review),
+    return { name, probability_pneumonia: probability, label: rules.label(this.decision, probability), threshold,
+      error: null, triage: rules.triaged(this.decision, probability, words.review),
       subtype: rules.subtype(this.decision, probability, scored.viral, words.subtypes),
-      probability_viral: scored.viral, note, ood: scored.ood, grey: image.grey, width: image.width,
+      probability_viral: scored.viral, note, ood_score: scored.ood, grey: image.grey, width: image.width,
       height: image.height, cam: scored.cam,
       timings: { decode_ms: decodedAt - started, model_ms: finished - decodedAt, total_ms: finished - started } };
   }
@@ -160,37 +159,52 @@ class Scorer {
   }
 }
 
-function publicResult(result) {
-  // What the page keeps and exposes: never the pixels. The fields of scoring.runtime.RECORD_FIELDS (raw 0..1
-  // probabilities), with the file's name, the threshold, the gate's score and the timings.
-  const { name, probability, label, threshold, error, ood, timings } = result;
-  return { name, probability_pneumonia: probability ?? null, probability: probability ?? null, label, error,
-    triage: result.triage ?? null, subtype: result.subtype ?? null, probability_viral: result.probability_viral ?? null,
-    note: result.note ?? null, threshold, ood: ood ?? null, timings: timings || null };
+/** A file the page does not score: the record's fields, with its error (and a note or gate score). */
+function refused(name, threshold, error, extra = {}) {
+  return { name, probability_pneumonia: null, label: null, threshold, error, ...extra };
 }
 
-/** A refusal as shown: the server's words, then what to do next when they do not already say it. */
+function publicResult(result, fields) {
+  // What the page keeps and exposes: never the pixels. The prediction record under the server's field names
+  // (config.record_fields: scoring.runtime.RECORD_FIELDS, raw 0..1 probabilities), with the file's name, the
+  // threshold and the timings; `probability` repeats probability_pneumonia for programs that read it.
+  const record = Object.fromEntries(fields.map((field) => [field, result[field] ?? null]));
+  return { name: result.name, ...record, probability: record.probability_pneumonia, threshold: result.threshold,
+    timings: result.timings || null };
+}
+
+/** Python's str.format for the named fields of the server's sentences (scoring.wording). */
+function fill(template, values) {
+  return template.replace(/\{(\w+)\}/g, (whole, key) => (key in values ? String(values[key]) : whole));
+}
+
+/** scoring.wording.with_next_step: a refusal, then what to do next when it does not already say it. */
 function refusalText(error, words) {
   if (!error) return "";
-  if (/\b(send|use|choose|convert|reload)\b/i.test(error)) return error;
-  return `${error}. ${words.next_step}.`;
+  if (new RegExp(`\\b(${words.action_words.join("|")})\\b`, "i").test(error)) return error;
+  const lowered = error.toLowerCase();
+  const found = words.next_steps.find(([fragment]) => lowered.includes(fragment));
+  return `${error}. ${found ? found[1] : words.default_next_step}, or ${words.alternative}`;
 }
 
+/** scoring.wording.scored_line and the refused files, one line each. */
 function statusText(results, shown, words) {
-  const scored = results.filter((r) => r.probability !== null).length;
-  const lines = [`Scored ${scored} of ${results.length} file${results.length !== 1 ? "s" : ""} on this device.`];
+  const scored = results.filter((r) => r.probability_pneumonia !== null).length;
+  const lines = [fill(words.scored, { scored, total: results.length, files: results.length === 1 ? "file" : "files",
+    where: words.where })];
   if (shown !== null && results.length > 1) lines.push(`The result and map above are for ${shown}; the table lists every file.`);
-  for (const r of results) if (r.probability === null) lines.push(`${r.name}: ${refusalText(r.error, words)}`);
+  for (const r of results) {
+    if (r.probability_pneumonia === null) lines.push(fill(words.refused, { name: r.name, reason: refusalText(r.error, words) }));
+  }
   return lines;
 }
 
-/** The decision as the server page words it, with the triage, subtype and note. */
+/** scoring.wording.decision_sentence: the decision as the server page words it. */
 function decisionText(r, words) {
-  const shown = [words.percent_floor, words.percent_ceiling];
-  let text = `${r.label}: probability of pneumonia ${rules.percent(r.probability, ...shown)}, ` +
-    `threshold ${rules.percent(r.threshold, ...shown)}`;
-  if (r.triage && r.triage !== r.label) text += `; triage ${r.triage}`;
-  if (r.subtype) text += `; subtype ${r.subtype} (probability viral ${rules.percent(r.probability_viral, ...shown)})`;
+  const shown = (value) => rules.percent(value, words.percent_floor, words.percent_ceiling);
+  let text = fill(words.decision, { label: r.label, probability: shown(r.probability_pneumonia), threshold: shown(r.threshold) });
+  if (r.triage && r.triage !== r.label) text += fill(words.triage_part, { triage: r.triage });
+  if (r.subtype) text += fill(words.subtype_part, { subtype: r.subtype, probability_viral: shown(r.probability_viral) });
   return text;
 }
 
@@ -214,11 +228,15 @@ function pointApiLinks(root, base, docs) {
   }, true);
 }
 
+/** Start the page in `root`, its files under `base`. */
 export async function mount(root, base) {
   if (root.dataset.mounted) return state;
   root.dataset.mounted = "1";
   window.pneumoniaOnDevice = state;
   const $ = (id) => root.querySelector(`#${id}`);
+  // The sentence that sends a visitor to the server page, in the page's markup (serving.ondevice): the
+  // failures before the config is in need it too.
+  const instead = $("ondevice").dataset.instead;
   const statusLine = $("ondevice-status");
   const input = $("ondevice-files");
   const drop = $("ondevice-drop");
@@ -234,7 +252,7 @@ export async function mount(root, base) {
   };
 
   if (!wasmAvailable()) {
-    fail(`This browser cannot run WebAssembly, which on-device screening needs: ${SERVER_PAGE}.`);
+    fail(`This browser cannot run WebAssembly, which on-device screening needs: ${instead}.`);
     return state;
   }
   const started = performance.now();
@@ -266,12 +284,13 @@ export async function mount(root, base) {
     state.timings.session_ms = performance.now() - sessionStarted;
   } catch (error) {
     const reason = (error && error.message) || String(error);
-    fail(`The model could not be loaded on this device (${reason}): ${SERVER_PAGE}.`);
+    fail(`The model could not be loaded on this device (${reason}): ${instead}.`);
     return state;
   }
   state.timings.ready_ms = performance.now() - started;
   state.scorer = scorer;
-  state.score = (bytes, name = "image") => scorer.score(name, bytes).then(publicResult);
+  const fields = scorer.config.record_fields;
+  state.score = (bytes, name = "image") => scorer.score(name, bytes).then((result) => publicResult(result, fields));
   // The model's input as this page prepares it (for the tests that compare it with the server's): the decoded
   // image, and the input made from it, put back upright first from `orientation` (default: upright).
   state.preprocess = async (bytes, orientation = 0) => {
@@ -311,16 +330,15 @@ export async function mount(root, base) {
         try {
           result = await scorer.score(file.name, new Uint8Array(await file.arrayBuffer()));
         } catch (error) {
-          result = { name: file.name, probability: null, label: null, threshold: scorer.decision.threshold,
-            error: `could not be scored on this device (${(error && error.message) || error}): ${SERVER_PAGE}` };
+          result = refused(file.name, scorer.decision.threshold,
+            `could not be scored on this device (${(error && error.message) || error}): ${instead}`);
         }
         results.push(result);
       }
       for (const file of files.slice(limit)) {
-        results.push({ name: file.name, probability: null, label: null, threshold: scorer.decision.threshold,
-          error: `not scored: at most ${limit} files at a time; choose the rest again` });
+        results.push(refused(file.name, scorer.decision.threshold, words.too_many_files));
       }
-      const first = results.find((r) => r.probability !== null) || null;
+      const first = results.find((r) => r.probability_pneumonia !== null) || null;
       labelBox.textContent = first ? decisionText(first, words) +
         (first.note ? ` (${first.note})` : "") : "";
       if (first) {
@@ -342,10 +360,10 @@ export async function mount(root, base) {
       const shown = [words.percent_floor, words.percent_ceiling];
       body.replaceChildren(...results.map((r) => {
         const row = document.createElement("tr");
-        const scoredRow = r.probability !== null;
+        const scoredRow = r.probability_pneumonia !== null;
         // The note column: how the X-ray was put upright, or why it was refused and what to do next.
         const note = [r.note, refusalText(r.error, words)].filter(Boolean).join("; ");
-        const cells = [r.name, scoredRow ? rules.percent(r.probability, ...shown) : "", r.label || "not scored",
+        const cells = [r.name, scoredRow ? rules.percent(r.probability_pneumonia, ...shown) : "", r.label || words.not_scored,
           r.triage || "", r.subtype || "", scoredRow ? rules.percent(r.probability_viral, ...shown) : "", note];
         cells.forEach((cell, index) => {
           const td = document.createElement("td");
@@ -360,7 +378,7 @@ export async function mount(root, base) {
       const model = results.filter((r) => r.timings).map((r) => r.timings.model_ms);
       timing.textContent = `Scored in ${elapsed.toFixed(0)} ms on this device` +
         (model.length ? ` (model ${model.map((t) => t.toFixed(0)).join(", ")} ms).` : ".");
-      state.results = results.map(publicResult);
+      state.results = results.map((result) => publicResult(result, fields));
       state.timings.last_ms = elapsed;
       state.timings.result_at_ms = performance.now();  // since navigation start
       state.status = "done";
@@ -370,7 +388,7 @@ export async function mount(root, base) {
       resultBox.focus({ preventScroll: true });
     } catch (error) {
       state.status = "failed";
-      say(`Scoring failed on this device (${(error && error.message) || error}): ${SERVER_PAGE}.`);
+      say(`Scoring failed on this device (${(error && error.message) || error}): ${instead}.`);
     }
     state.batches += 1;
   }

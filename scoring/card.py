@@ -1,4 +1,7 @@
-"""The model card, rendered from the artefact's decision: the app's model panel and MODEL_CARD.md.
+"""The model card, rendered from a `Decision` alone: the app's model panel and an export's MODEL_CARD.md.
+
+Beside the scoring core, which it only reads (no client, no Gradio): `pipeline.export` writes it without
+importing any serving module.
 
 External figures (the official test's distribution) come first; splits carved from the training data are
 labelled in-distribution, since a model can look perfect there and still fail on another site's images.
@@ -10,6 +13,7 @@ from datetime import UTC, datetime
 
 from scoring.decision import Decision
 from scoring.orientation import ORIENTATIONS
+from scoring.wording import percent
 
 DATA_SOURCE = (
     "Kermany D., Zhang K., Goldbaum M. (2018), *Labeled Optical Coherence Tomography (OCT) and Chest X-Ray "
@@ -84,17 +88,6 @@ def card_markdown(decision: Decision, title: bool = False) -> str:
         lines += [GATE_LIMITS, ""]
     lines.append(NOT_A_DEVICE)
     return "\n".join(lines)
-
-
-def percent(probability: float | None) -> str:
-    """A probability as the app shows it: one decimal, "< 0.1%" and "> 99.9%" at the ends, "" for None."""
-    if probability is None:
-        return ""
-    if probability < 0.001:
-        return "< 0.1%"
-    if probability > 0.999:
-        return "> 99.9%"
-    return f"{probability:.1%}"
 
 
 def _commit(commit: str) -> str:
