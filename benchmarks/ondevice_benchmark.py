@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from serving import ondevice
+from serving.settings import MAX_FILES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 try:
                     ready = wait_ready(page)
                     scored = page.evaluate(SCORE_LOOP_JS, [base64.b64encode(image.read_bytes()).decode(), args.repeats])
-                    agreement = parity(page, service.predictor, ondevice.DEFAULT_MAX_FILES)
+                    agreement = parity(page, service.predictor, MAX_FILES)
                 finally:
                     context.close()
                 chromium_version = browser.version

@@ -41,9 +41,3 @@ def upright(image: np.ndarray, orientation: int) -> np.ndarray:
     if is_mirrored(orientation):
         image = image[:, ::-1]
     return np.ascontiguousarray(image)
-
-
-def turns_apart(orientation: int) -> int:
-    """How many quarter turns `orientation` is from upright (mirroring aside): 0, 1 or 2."""
-    quarter = orientation % TURNS
-    return min(quarter, TURNS - quarter)

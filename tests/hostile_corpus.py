@@ -2,6 +2,7 @@
 
 `build_corpus(folder)` writes the files into `folder` and returns one `Case` per file: "prediction"
 (scored, a probability in [0, 1]) or "error" (refused, with a fragment its message must contain).
+`damaged(seeds, ...)` is the fuzzers' strategy: good files with a few bytes damaged.
 Every surface (the app, the predict CLI, the MLflow model) shares one path, `scoring.runtime.Predictor`:
 the decoder (`scoring.imaging`), then the plausibility checks (`scoring.checks`: elongated, uniform,
 coloured images are not scored), so every case expects the same outcome everywhere. `Case.by_checks`
@@ -21,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 
 from scoring.imaging import MAX_FILE_BYTES
@@ -251,3 +253,38 @@ def build_corpus(folder: Path, oversize_bytes: int = 2 * MAX_FILE_BYTES) -> list
     cases.append(Case(oversize, ERROR, "MB limit", what=f"sparse file of {oversize_bytes} bytes"))
     assert len({case.name for case in cases}) == len(cases), "corpus names must be unique"
     return cases
+
+
+# --------------------------------------------------------------------------------------------------
+# Fuzzing: good files, damaged
+
+DAMAGE = ("flip", "byte", "insert", "delete", "cut")
+
+
+def damaged(seeds: dict[str, bytes], edits: int, skip: int = 0, insert: int = 16, delete: int = 16):
+    """A Hypothesis strategy: one of `seeds` with 1 to `edits` bytes flipped, overwritten, inserted (up to
+    `insert`), deleted (up to `delete`) or cut off, past its first `skip` bytes. Positions count from
+    either end, since Hypothesis favours small numbers."""
+
+    @st.composite
+    def strategy(draw) -> bytes:
+        data = bytearray(seeds[draw(st.sampled_from(sorted(seeds)))])
+        for _ in range(draw(st.integers(1, edits))):
+            if len(data) <= skip + 1:  # an earlier cut left nothing past the kept bytes to damage
+                break
+            offset = draw(st.integers(0, len(data) - 1 - skip))
+            position = skip + offset if draw(st.booleans()) else len(data) - 1 - offset
+            action = draw(st.sampled_from(DAMAGE))
+            if action == "flip":
+                data[position] ^= 1 << draw(st.integers(0, 7))
+            elif action == "byte":
+                data[position] = draw(st.integers(0, 255))
+            elif action == "insert":
+                data[position:position] = draw(st.binary(min_size=1, max_size=insert))
+            elif action == "delete":
+                del data[position:position + draw(st.integers(1, delete))]
+            else:
+                del data[max(position, 1):]
+        return bytes(data)
+
+    return strategy()

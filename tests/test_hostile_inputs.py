@@ -22,7 +22,6 @@ import httpx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
 from PIL import Image
 
 from scoring import checks
@@ -31,7 +30,7 @@ from scoring.imaging import MAX_FILE_BYTES, ImageDecodeError, decode_greyscale, 
 from serving import results as app_results
 from tests import image_factory as factory
 from tests.helpers import KERAS_SAVE_WARNING, PROJECT, client_for, column, launched
-from tests.hostile_corpus import ERROR, PREDICTION, Case, build_corpus, fixture_xray
+from tests.hostile_corpus import ERROR, PREDICTION, Case, build_corpus, damaged, fixture_xray
 
 pytestmark = [
     pytest.mark.filterwarnings(KERAS_SAVE_WARNING),
@@ -314,29 +313,9 @@ FUZZ_SEEDS = _fuzz_seeds()
 FUZZ_SKIP = 16
 
 
-@st.composite
-def damaged_xray(draw) -> bytes:
-    """A real X-ray file with a few bytes flipped, overwritten, inserted, deleted or cut off, past its
-    first bytes (damaged signatures are test_imaging's fuzz). Positions count from either end, since
-    Hypothesis favours small numbers."""
-    data = bytearray(FUZZ_SEEDS[draw(st.sampled_from(sorted(FUZZ_SEEDS)))])
-    for _ in range(draw(st.integers(1, 4))):
-        if len(data) <= FUZZ_SKIP + 1:  # an earlier cut left nothing past the signature to damage
-            break
-        offset = draw(st.integers(0, max(len(data) - 1 - FUZZ_SKIP, 0)))
-        position = FUZZ_SKIP + offset if draw(st.booleans()) else len(data) - 1 - offset  # from either end
-        action = draw(st.sampled_from(["flip", "byte", "insert", "delete", "cut"]))
-        if action == "flip":
-            data[position] ^= 1 << draw(st.integers(0, 7))
-        elif action == "byte":
-            data[position] = draw(st.integers(0, 255))
-        elif action == "insert":
-            data[position:position] = draw(st.binary(min_size=1, max_size=32))
-        elif action == "delete":
-            del data[position:position + draw(st.integers(1, 64))]
-        else:
-            del data[max(position, 1):]
-    return bytes(data)
+def damaged_xray():
+    """A real X-ray file damaged past its first bytes (damaged signatures are test_imaging's fuzz)."""
+    return damaged(FUZZ_SEEDS, edits=4, skip=FUZZ_SKIP, insert=32, delete=64)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from scoring import dicom, imaging, pixels
@@ -34,6 +33,7 @@ from scoring.imaging import (
 )
 from tests import image_factory as factory
 from tests.helpers import PROJECT
+from tests.hostile_corpus import damaged
 
 
 def assert_grey(pixels: np.ndarray, shape: tuple[int, int] | None = None) -> None:
@@ -681,27 +681,6 @@ SEEDS = {
 }
 
 
-@st.composite
-def mutated(draw) -> bytes:
-    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
-    for _ in range(draw(st.integers(1, 6))):
-        if len(data) < 2:
-            break
-        position = draw(st.integers(0, len(data) - 1))
-        action = draw(st.sampled_from(["flip", "byte", "cut", "insert", "delete"]))
-        if action == "flip":
-            data[position] ^= 1 << draw(st.integers(0, 7))
-        elif action == "byte":
-            data[position] = draw(st.integers(0, 255))
-        elif action == "cut":
-            del data[max(position, 1) :]
-        elif action == "insert":
-            data[position:position] = draw(st.binary(min_size=1, max_size=16))
-        else:
-            del data[position : position + draw(st.integers(1, 16))]
-    return bytes(data)
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")  # PIL and pydicom warn about the damage they see
 @settings(
     max_examples=200,
@@ -709,7 +688,7 @@ def mutated(draw) -> bytes:
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-@given(data=mutated())
+@given(data=damaged(SEEDS, edits=6))
 def test_fuzz_decode_only_returns_grey_or_raises_image_decode_error(data):
     started = time.perf_counter()
     try:

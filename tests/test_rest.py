@@ -16,13 +16,16 @@ from pathlib import Path
 
 import gradio as gr
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from scoring import pixels
 from scoring.pixels import MAX_FILE_BYTES
 from scoring.runtime import RECORD_FIELDS, RECORD_TYPES
 from serving import rest
-from tests.helpers import EXAMPLES, FIXTURE_DATASET, PROJECT, launched
+from tests import image_factory as factory
+from tests.helpers import EXAMPLES, FIXTURE_DATASET, PROJECT, launched, write
 
 TOLERANCE = 1e-6
 
@@ -100,6 +103,26 @@ def test_rows_match_the_cli_for_the_same_files(api, samples, tiny_bundle, tmp_pa
     assert [set(row) for row in body["results"]] == [{"name", *RECORD_FIELDS}] * len(samples)
     for cli, row in zip(expected, body["results"], strict=True):
         assert_same_record(cli, row)
+
+
+def test_bad_files_get_the_very_same_error_text_from_the_cli_and_the_route(api, tiny_bundle, tmp_path):
+    """What a person reads about a bad file is one text (scoring.wording and the scoring core's own
+    refusals): the predict CLI's `error` column and the route's `error` are the same bytes for a text file
+    named .png, a truncated JPEG and a colour photo."""
+    jpeg = min(FIXTURE_DATASET.rglob("*.jpeg")).read_bytes()
+    photo = np.zeros((240, 320, 3), dtype=np.int16)  # a sky over a meadow, with some texture
+    photo[:120], photo[120:] = (70, 140, 230), (40, 160, 50)
+    photo = np.clip(photo + np.random.default_rng(3).integers(-25, 25, photo.shape), 0, 255).astype(np.uint8)
+    bad = {"notes.png": (b"Patient notes: not an image at all.\n" * 20, "not a recognised image"),
+           "truncated.jpeg": (jpeg[: len(jpeg) // 2], "truncated"),
+           "holiday-photo.jpg": (factory.encode(Image.fromarray(photo), "JPEG", quality=90), "strongly coloured")}
+    paths = [Path(write(tmp_path, name, data)) for name, (data, _) in bad.items()]
+    rows = cli_rows(paths, tiny_bundle, tmp_path / "cli.csv")
+    response = post(api, as_uploads(paths))
+    assert response.status_code == 200, response.text
+    for (name, (_, words)), cli, answer in zip(bad.items(), rows, response.json()["results"], strict=True):
+        assert answer["name"] == name and Path(cli["path"]).name == name
+        assert words in answer["error"] and cli["error"].encode("utf-8") == answer["error"].encode("utf-8"), name
 
 
 def test_a_refused_file_gets_its_error_in_its_row_and_the_others_are_scored(api):
