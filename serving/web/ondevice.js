@@ -179,7 +179,7 @@ function fill(template, values) {
 }
 
 /** scoring.wording.with_next_step: a refusal, then what to do next when it does not already say it. */
-function refusalText(error, words) {
+export function refusalText(error, words) {
   if (!error) return "";
   if (new RegExp(`\\b(${words.action_words.join("|")})\\b`, "i").test(error)) return error;
   const lowered = error.toLowerCase();
@@ -188,7 +188,7 @@ function refusalText(error, words) {
 }
 
 /** scoring.wording.scored_line and the refused files, one line each. */
-function statusText(results, shown, words) {
+export function statusText(results, shown, words) {
   const scored = results.filter((r) => r.probability_pneumonia !== null).length;
   const lines = [fill(words.scored, { scored, total: results.length, files: results.length === 1 ? "file" : "files",
     where: words.where })];
@@ -200,7 +200,7 @@ function statusText(results, shown, words) {
 }
 
 /** scoring.wording.decision_sentence: the decision as the server page words it. */
-function decisionText(r, words) {
+export function decisionText(r, words) {
   const shown = (value) => rules.percent(value, words.percent_floor, words.percent_ceiling);
   let text = fill(words.decision, { label: r.label, probability: shown(r.probability_pneumonia), threshold: shown(r.threshold) });
   if (r.triage && r.triage !== r.label) text += fill(words.triage_part, { triage: r.triage });
