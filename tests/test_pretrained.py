@@ -218,3 +218,23 @@ def test_an_altered_weights_file_is_refused_before_it_is_read(tmp_path):
     missing = replace(shipped, module="no_such_weights_package")
     with pytest.raises(pretrained.PretrainedWeightsError, match="make setup"):
         missing.path()
+
+
+def test_the_backbone_exports_to_one_onnx_artefact_that_agrees_with_keras():
+    """The serving artefact of a pretrained network: built (and checked against TensorFlow inside
+    `artefact.build`) with a gate on its last two stages, its CAM on the head's feature map."""
+    from pipeline import artefact, ood
+    from scoring.decision import Decision
+    from scoring.runtime import ServingArtefact
+
+    model = build_model(96, train_params(backbone="efficientnet_lite0", image_size=64, frozen_stages=0,
+                                         freeze_batch_norm=True, crop=1.0))
+    images = photos(96).mean(axis=3).astype(np.uint8)
+    layers = ood.block_outputs(model, 2)
+    assert layers == ["stage7_output", "stage8_output"]
+    pooled = ood.network_features(model, layers, np.concatenate([images] * 4)).pooled
+    gate = artefact.Gate(tuple(ood.fit_layer(name, values, np.arange(12) % 2) for name, values in zip(layers, pooled)))
+    served = ServingArtefact(artefact.build(model, Decision(0.5, "youden", 96, ood={"limit": 1e9}), gate))
+    scores = served.run(images, with_cam=True)
+    assert scores.cam.shape == (3, 2, 2) and scores.ood.shape == (3,)
+    assert np.all((0 < scores.probability) & (scores.probability < 1))

@@ -1,7 +1,7 @@
 """The layout of the code: what DVC knows each stage depends on, and which way imports may go.
 
 - every project module a stage imports (directly or through others, at any depth) is among its deps in
-  dvc.yaml, so a change to it reruns the stage;
+  dvc.yaml, so a change to it reruns the stage, and every module listed is imported;
 - no stage imports another stage;
 - every output dvc.yaml declares is a path named in pipeline/paths.py;
 - the app and the serving package import nothing from the training package, nor TensorFlow or Keras;
@@ -69,6 +69,20 @@ def test_every_imported_project_module_is_a_dependency(name):
     files = {PurePosixPath(module_file(m).relative_to(PROJECT).as_posix()) for m in closure(stage_module(stage))}
     missing = sorted(str(file) for file in files if file.name != "__init__.py" and not covered(file, stage["deps"]))
     assert not missing, f"stage {name} imports modules dvc.yaml does not list as deps: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_every_listed_module_is_imported(name):
+    """A module listed as a dependency but never imported reruns the stage for nothing (an edit to the predict
+    CLI would register a new model version). The one file a stage uses without importing it: the pyfunc's
+    code, which register logs into the model (`pipeline.register.core_modules`)."""
+    from pipeline.register import PYFUNC_CODE
+
+    stage = STAGES[name]
+    imported = {module_file(m).relative_to(PROJECT).as_posix() for m in closure(stage_module(stage))}
+    logged = {PYFUNC_CODE.as_posix()} if name == "register" else set()
+    unused = [dep for dep in stage["deps"] if dep.endswith(".py") and dep not in imported | logged]
+    assert not unused, f"stage {name} lists modules it never imports: {unused}"
 
 
 def test_no_stage_imports_another_stage():
