@@ -37,7 +37,7 @@ import numpy as np
 from scoring.imaging import decode_greyscale, resize_grey
 from scoring.locations import production_uri
 from scoring.runtime import Predictor
-from scoring.store import load_artefact
+from scoring.store import load_artefact, model_uri_help
 from serving.overlay import heatmap, overlay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,7 +267,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-uri", default=None, help="models:/NAME@ALIAS, models:/NAME/VERSION or an export")
+    parser.add_argument("--model-uri", default=None, help=model_uri_help())
     parser.add_argument("--keras-model", type=Path, default=ROOT / "models" / "model.keras",
                         help="the Keras model for the naive reference (skipped if absent)")
     parser.add_argument("--output", type=Path, default=None, help="JSON file to write")

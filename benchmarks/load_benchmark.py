@@ -58,6 +58,7 @@ from app_benchmark import (
     wait_until_ready,
 )
 
+from scoring.store import model_uri_help
 from serving.gradio_workarounds import ANALYTICS_EVENTS_KEPT
 
 EXPORTED_MODEL = ROOT / "exports" / "pneumonia-cnn"
@@ -500,8 +501,7 @@ def machine() -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-uri", default=None,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported folder (default: "
-                             "exports/pneumonia-cnn if present, else the production alias)")
+                        help=model_uri_help("exports/pneumonia-cnn if present, else the production alias"))
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (threads)")
     parser.add_argument("--requests", type=int, default=50, help="/predict calls per client in phase 1")
     parser.add_argument("--soak", type=int, default=2000,
