@@ -72,6 +72,8 @@ def card_markdown(decision: Decision, title: bool = False) -> str:
          f"{_achieved_sensitivity(decision, fitted_on)}; fitted on the {fitted_on} split "
          f"(calibration: {calibration.get('method', 'none')})"),
     ]
+    if decision.network:
+        lines.append(_network_line(decision.network))
     lines += _triage_lines(decision)
     if decision.ood:
         lines.append(f"- **Input gate:** {GATE_WORDS} Technical: `{decision.ood.get('score', 'score')}`, "
@@ -88,6 +90,15 @@ def card_markdown(decision: Decision, title: bool = False) -> str:
         lines += [GATE_LIMITS, ""]
     lines.append(NOT_A_DEVICE)
     return "\n".join(lines)
+
+
+def _network_line(network: dict) -> str:
+    """The network and the origin of its starting weights (a pretrained backbone's credit and licence)."""
+    size, parameters = network.get("image_size"), network.get("parameters")
+    details = ", ".join(filter(None, [f"{size} px" if size else "", f"{parameters / 1e6:.2f} M parameters"
+                                      if parameters else ""]))
+    return (f"- **Network:** `{network.get('backbone', 'unknown')}`{f' ({details})' if details else ''}; "
+            f"starting weights: {network.get('initial_weights', 'unknown')}")
 
 
 def _commit(commit: str) -> str:

