@@ -18,12 +18,12 @@ from typing import Any
 import yaml
 
 from scoring.locations import brief, project_root, unreachable_server
+from scoring.logs import setup_logging
+
+__all__ = ["git_commit", "read_json", "setup_logging", "sha256_file", "stage_errors", "write_atomically",
+           "write_json"]
 
 log = logging.getLogger(__name__)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:

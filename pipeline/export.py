@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from scoring.card import card_markdown
+from scoring.logs import setup_logging
 from scoring.runtime import ServingArtefact
 from scoring.store import (
     ARTEFACT_NAME,
@@ -25,6 +26,7 @@ from scoring.store import (
     TrackingUnavailableError,
     artefact_path,
     load_artefact,
+    model_uri_help,
     production_uri,
 )
 
@@ -79,15 +81,13 @@ def _check_destination(dest: Path, force: bool) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("dest", type=Path, help="folder to write (new, empty, or an earlier export with --force)")
-    parser.add_argument("--model-uri", default=None,
-                        help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported folder "
-                             "(default: the production alias in the project's MLflow store)")
+    parser.add_argument("--model-uri", default=None, help=model_uri_help())
     parser.add_argument("--force", action="store_true", help="replace an earlier export at DEST")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = parse_args(argv)
     uri = args.model_uri or production_uri()
     try:

@@ -155,12 +155,15 @@ def read_legacy_torch(path: Path) -> dict[str, np.ndarray]:
     """A legacy-format torch state dict as {name: array}, each tensor read through its strides."""
     with Path(path).open("rb") as handle:
         try:
-            if pickle.load(handle) != LEGACY_MAGIC or pickle.load(handle) != LEGACY_PROTOCOL:
+            # Every pickle of the file goes through the restricted unpickler: nothing but the names it allows
+            # can be resolved, whatever the file holds.
+            if (_StateDictUnpickler(handle).load() != LEGACY_MAGIC
+                    or _StateDictUnpickler(handle).load() != LEGACY_PROTOCOL):
                 raise PretrainedWeightsError(f"{Path(path).name} is not a legacy torch file")
-            pickle.load(handle)  # system info: little-endian is checked on the storages' sizes below
+            _StateDictUnpickler(handle).load()  # system info: byte order is checked on the storages' sizes below
             unpickler = _StateDictUnpickler(handle)
             state = unpickler.load()
-            keys = pickle.load(handle)
+            keys = _StateDictUnpickler(handle).load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
             raise PretrainedWeightsError(f"{Path(path).name} cannot be read: {error}") from error
         storages = {key: _read_storage(handle, unpickler.storages[key]) for key in keys}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import pickle
 import struct
 import sys
@@ -200,6 +201,11 @@ def test_a_damaged_or_foreign_file_is_refused(tmp_path):
                         + pickle.dumps({}) + pickle.dumps(types.SimpleNamespace(x=1)))
     with pytest.raises(pretrained.PretrainedWeightsError, match="unexpected object"):
         pretrained.read_legacy_torch(foreign)
+    # Not even the first pickle of a file may name a callable: nothing outside the list is ever resolved.
+    hostile = tmp_path / "hostile.pth"
+    hostile.write_bytes(pickle.dumps(os.getcwd))
+    with pytest.raises(pretrained.PretrainedWeightsError, match="unexpected object"):
+        pretrained.read_legacy_torch(hostile)
     not_torch = tmp_path / "zip.pth"
     not_torch.write_bytes(b"PK\x03\x04" + bytes(60))
     with pytest.raises(pretrained.PretrainedWeightsError):
