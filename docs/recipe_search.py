@@ -282,9 +282,9 @@ class _maybe_run:
 
 def table() -> str:
     rows = [("| run | settings | seed | epochs (best) | train time | val ROC-AUC | carved test ROC-AUC | external ROC-AUC "
-            "[95% CI] | external spec. at sens. 0.93 / 0.95 | normals' logit shift, zoomed x1.2 / x1.4 | "
-            "external ROC-AUC by epoch |"),
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "[95% CI] | external spec. at sens. 0.93 / 0.95 | external out of fold: accuracy / ECE / log loss / "
+            "REVIEW share | normals' logit shift, zoomed x1.2 / x1.4 | external ROC-AUC by epoch |"),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
         auc = result["roc_auc"]
@@ -292,11 +292,14 @@ def table() -> str:
         spec = result["external_specificity_at"]
         framing = result.get("external_normal_logit_shift_when_zoomed")
         framing_cell = f"{framing['1.2']:+.2f} / {framing['1.4']:+.2f}" if framing else ""
+        reported = result.get("external_out_of_fold")
+        reported_cell = (f"{reported['accuracy']:.3f} / {reported['ece']:.3f} / {reported['log_loss']:.3f} / "
+                         f"{reported['review_share']:.3f}" if reported else "")
         rows.append(f"| {result['name']} | `{' '.join(result['settings']) or '(default)'}` | {result['seed']} | "
                     f"{result['epochs']} "
                     f"({result['best_epoch']}) | {result['train_seconds'] // 60} min | {auc['val']['value']:.3f} | "
                     f"{auc['test']['value']:.3f} | {ext['value']:.3f} [{ext['ci_low']:.3f}, {ext['ci_high']:.3f}] | "
-                    f"{spec['0.93']:.3f} / {spec['0.95']:.3f} | {framing_cell} | "
+                    f"{spec['0.93']:.3f} / {spec['0.95']:.3f} | {reported_cell} | {framing_cell} | "
                     f"{' '.join(f'{v:.3f}' for v in result['external_auc_by_epoch'])} |")
     return "\n".join(rows)
 

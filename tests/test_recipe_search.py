@@ -62,3 +62,16 @@ def test_the_table_renders_every_committed_result(search, capsys):
         result = json.loads(path.read_text())
         row = next(row for row in rows if row.startswith(f"| {result['name']} |"))
         assert f"{result['roc_auc']['external']['value']:.3f}" in row
+
+
+def test_external_figures_are_reported_out_of_fold_as_the_pipeline_would(search):
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 60).astype(np.uint8)
+    split = Split(np.zeros((120, 4, 4), np.uint8), labels, np.array([f"p{i // 2}" for i in range(120)]),
+                  np.full(120, NO_SUBTYPE, np.int8))
+    separated = np.clip(labels * 0.6 + 0.2 + rng.normal(0, 0.05, 120), 0.01, 0.99)
+    clear = search.as_reported(split, separated, seed=1)
+    assert clear["accuracy"] > 0.95 and clear["log_loss"] < 0.2 and clear["review_share"] < 0.1
+    muddled = search.as_reported(split, rng.uniform(0.01, 0.99, 120), seed=1)
+    assert muddled["log_loss"] > 0.6 and muddled["accuracy"] < 0.7
+    assert set(clear) >= {"accuracy", "sensitivity", "specificity", "ece", "log_loss", "review_share"}
