@@ -266,9 +266,11 @@ def test_no_unsafe_deserialisation_in_the_code():
             if isinstance(node, ast.Import | ast.ImportFrom):
                 modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
                 for module in modules:
-                    if (module or "").split(".")[0] in ("pickle", "cloudpickle", "dill", "joblib", "marshal", "shelve"):
-                        if not (module == "pickle" and path.name == RESTRICTED_UNPICKLER and _restricted(tree)):
-                            problems.append(f"{path.name}:{node.lineno} imports {module}")
+                    unpickler = (module or "").split(".")[0] in ("pickle", "cloudpickle", "dill", "joblib", "marshal",
+                                                                 "shelve")
+                    allowed = module == "pickle" and path.name == RESTRICTED_UNPICKLER and _restricted(tree)
+                    if unpickler and not allowed:
+                        problems.append(f"{path.name}:{node.lineno} imports {module}")
         for name, call in _calls(tree):
             keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
             where = f"{path.name}:{call.lineno} {name}"
