@@ -127,7 +127,7 @@ def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool
         model, rows = train.fit(recipe, seed, splits["train"], splits["val"], Path(scratch) / "best.weights.h5",
                                 callbacks=callbacks)
         training = {**pretraining, "train_seconds": round(time.perf_counter() - started), "epochs": len(rows),
-                    "best_epoch": int(max(rows, key=lambda row: row["val_auc"])["epoch"]),
+                    "best_epoch": int(train.kept_epoch(rows, recipe.keep)["epoch"]),
                     "external_auc_by_epoch": history, "val_auc_by_epoch": [round(row["val_auc"], 4) for row in rows]}
         # Kept (git-ignored) before scoring, so that a run can be scored again (`--rescore`).
         MODELS.mkdir(parents=True, exist_ok=True)

@@ -108,6 +108,8 @@ class TrainParams:
     # network all use the averaged weights.
     ema_momentum: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)]
     patience: Positive
+    # Which epoch's weights are kept: the best by validation ROC-AUC, or the last (the end of the schedule).
+    keep: Literal["best", "last"]
     augment: AugmentParams
     # The share of training images turned by 90, 180 or 270 degrees for the orientation head (free labels);
     # the diagnosis heads learn from the upright ones only.

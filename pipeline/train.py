@@ -142,10 +142,11 @@ def fit(params: TrainParams, seed: int, train: Split, val: Split, checkpoint: Pa
     epoch_logger = EpochLogger(len(train))
     # Swapped in before validation and kept in through the epoch's end, so the checkpoint holds the average.
     averaging = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if params.ema_momentum > 0 else []
+    keeping_best = params.keep == "best"
     own = [
         *averaging,
-        keras.callbacks.ModelCheckpoint(checkpoint, monitor=MONITORED, mode="max", save_best_only=True,
-                                        save_weights_only=True),
+        *([keras.callbacks.ModelCheckpoint(checkpoint, monitor=MONITORED, mode="max", save_best_only=True,
+                                           save_weights_only=True)] if keeping_best else []),
         keras.callbacks.EarlyStopping(monitor=MONITORED, mode="max", patience=params.patience),
         epoch_logger,
     ]
@@ -156,8 +157,14 @@ def fit(params: TrainParams, seed: int, train: Split, val: Split, checkpoint: Pa
         validation_data=make_dataset(val.images, val.labels, val.subtypes, params.batch_size, seed),
         epochs=params.epochs, callbacks=[*own, *(callbacks or [])], verbose=0,
     )
-    model.load_weights(checkpoint)
+    if keeping_best:
+        model.load_weights(checkpoint)
     return model, epoch_logger.rows
+
+
+def kept_epoch(rows: list[dict], keep: str) -> dict:
+    """The history row of the epoch whose weights `fit` kept."""
+    return max(rows, key=lambda row: row["val_auc"]) if keep == "best" else rows[-1]
 
 
 def log_model(model: Any, example: np.ndarray) -> Any:
@@ -217,15 +224,16 @@ def run(seed: int, params: TrainParams) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as scratch:
             model, rows = fit(params, seed, train, val, Path(scratch) / "best.weights.h5")
         wall = time.perf_counter() - started
-        best = max(rows, key=lambda row: row["val_auc"])
+        best = kept_epoch(rows, params.keep)
         summary = {
             "best_epoch": int(best["epoch"]), "epochs_run": len(rows), "best_val_auc": best["val_auc"],
+            "kept": params.keep,
             "train_seconds": round(wall, 1),
             "images_per_second": round(float(np.median([row["images_per_second"] for row in rows])), 1),
             "parameters": int(model.count_params()), "device": device, "hardware": machine,
         }
         mlflow.log_metrics({f"train_{key}": float(value) for key, value in summary.items()
-                            if key not in ("device", "hardware")})
+                            if key not in ("device", "hardware", "kept")})
         info = log_model(model, val.images[:1, ..., np.newaxis].astype(np.float32))
     save_atomically(model, MODEL_FILE)
     write_history(rows, HISTORY_FILE)

@@ -21,7 +21,7 @@ from pipeline.model import (
 )
 from pipeline.params import AugmentParams
 from pipeline.preprocess import assign_splits, decode_all
-from pipeline.train import fit, history_key, make_deterministic
+from pipeline.train import fit, history_key, kept_epoch, make_deterministic
 from scoring import orientation
 from tests.helpers import FIXTURE_DATASET, tiny_keras_model, train_params
 
@@ -334,6 +334,20 @@ def test_short_training_reduces_the_loss_and_is_deterministic(fixture_splits, lo
     assert [row["loss"] for row in rows] == [row["loss"] for row in rows_again]
     for first, second in zip(model.get_weights(), again.get_weights(), strict=True):
         np.testing.assert_array_equal(first, second)
+
+
+def test_keeping_the_last_epoch_keeps_its_averaged_weights(fixture_splits, tmp_path):
+    """keep: last returns the network that the last epoch's validation measured (EMA weights included), and no
+    checkpoint is written or read."""
+    train, val = fixture_splits
+    make_deterministic(7)
+    params = replace(brief_params(2, ema_momentum=0.9), keep="last")
+    model, rows = fit(params, 7, train, val, tmp_path / "unused.weights.h5")
+    assert not (tmp_path / "unused.weights.h5").exists() and kept_epoch(rows, "last") == rows[-1]
+    measured = model.evaluate(make_dataset(val.images, val.labels, val.subtypes, 8, 7), return_dict=True, verbose=0)
+    assert measured["pneumonia_loss"] == pytest.approx(rows[-1]["val_loss"], abs=1e-6)
+    assert measured["pneumonia_loss"] != pytest.approx(rows[0]["val_loss"], abs=1e-6)
+    assert kept_epoch([{"val_auc": 0.9, "epoch": 1}, {"val_auc": 0.8, "epoch": 2}], "best")["epoch"] == 1
 
 
 def test_per_image_normalisation_makes_the_model_blind_to_exposure_shifts():
