@@ -52,7 +52,8 @@ BROWSER_TEST_MARKS = [
 ]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
-TINY_MODEL = {"image_size": 32, "filters": [4, 8], "dropout": 0.0, "crop": 1.0, "stem_filters": 0}
+TINY_MODEL = {"backbone": "scratch", "image_size": 32, "filters": [4, 8], "dropout": 0.0, "crop": 1.0,
+              "stem_filters": 0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,12 +232,15 @@ def update_params(project: Path, **sections: dict[str, Any]) -> None:
 
 
 def tiny_params(project: Path, archive: Path) -> None:
-    """Params for a run of about a minute on the fixture archive: small images, one epoch, few resamples."""
+    """Params for a run of about a minute on the fixture archive: small images, one epoch, few resamples, and
+    the small scratch network (a pretrained backbone adds a minute a run; tests/test_pretrained.py builds,
+    saves, loads and exports one through the same stage code)."""
     update_params(
         project,
         data={"source": str(archive), "sha256": None},
         preprocess={"image_size": 64, "val_fraction": 0.25, "test_fraction": 0.25},
-        train={"image_size": 32, "filters": [8, 16], "epochs": 1, "batch_size": 8, "patience": 1},
+        train={"backbone": "scratch", "image_size": 32, "filters": [8, 16], "epochs": 1, "batch_size": 8,
+               "patience": 1},
         # The fixture archive has no test split, so no external set: calibrate on validation.
         evaluate={"bootstrap_resamples": 50, "cross_fit_folds": 2, "calibration_split": "val"},
     )

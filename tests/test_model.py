@@ -28,6 +28,11 @@ from tests.helpers import FIXTURE_DATASET, tiny_keras_model, train_params
 NO_AUGMENT = AugmentParams.none()
 
 
+def scratch_params(**overrides):
+    """The project's train params for this project's own CNN (what these tests build), with `overrides`."""
+    return train_params(**{"backbone": "scratch", **overrides})
+
+
 def seed_of(*values: int) -> tf.Tensor:
     return tf.constant(list(values), dtype=tf.int64)
 
@@ -37,7 +42,7 @@ def pneumonia(model, images: np.ndarray) -> np.ndarray:
 
 
 def test_model_takes_raw_pixels_at_the_stored_size_and_outputs_probabilities():
-    model = build_model(64, train_params(image_size=32, filters=[4, 8], dropout=0.1, crop=1.0, stem_filters=0))
+    model = build_model(64, scratch_params(image_size=32, filters=[4, 8], dropout=0.1, crop=1.0, stem_filters=0))
     assert model.input_shape == (None, 64, 64, 1)
     outputs = model(np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 1)).astype("float32"))
     for head in ("pneumonia", "viral"):
@@ -56,15 +61,15 @@ def test_model_takes_raw_pixels_at_the_stored_size_and_outputs_probabilities():
 
 def test_model_rejects_impossible_configurations():
     with pytest.raises(ValueError, match="filters"):
-        train_params(filters=[])
+        scratch_params(filters=[])
     with pytest.raises(ValueError, match="too small"):
-        build_model(64, train_params(image_size=8, filters=[4, 8, 16, 32], stem_filters=0))
+        build_model(64, scratch_params(image_size=8, filters=[4, 8, 16, 32], stem_filters=0))
     # The strided stem halves the side before the blocks: 16 px cannot take a stem and four pools.
-    build_model(64, train_params(image_size=16, filters=[4, 8, 16, 32], stem_filters=0))
+    build_model(64, scratch_params(image_size=16, filters=[4, 8, 16, 32], stem_filters=0))
     with pytest.raises(ValueError, match="too small"):
-        build_model(64, train_params(image_size=16, filters=[4, 8, 16, 32], stem_filters=4))
+        build_model(64, scratch_params(image_size=16, filters=[4, 8, 16, 32], stem_filters=4))
     with pytest.raises(ValueError, match="crop"):
-        train_params(crop=0.3)
+        scratch_params(crop=0.3)
 
 
 def test_centre_crop_keeps_only_the_middle_of_the_image():
@@ -295,7 +300,7 @@ def test_outside_a_run_nothing_is_logged(monkeypatch):
 
 
 def brief_params(epochs: int, ema_momentum: float = 0.0):
-    return train_params(image_size=32, filters=[8, 16], dropout=0.0, crop=1.0, stem_filters=0, batch_size=8,
+    return scratch_params(image_size=32, filters=[8, 16], dropout=0.0, crop=1.0, stem_filters=0, batch_size=8,
                         learning_rate=3e-3, epochs=epochs, patience=epochs, orientation_rate=0.0,
                         augment=replace(NO_AUGMENT, rotation_deg=5.0), ema_momentum=ema_momentum)
 
@@ -351,13 +356,13 @@ def test_keeping_the_last_epoch_keeps_its_averaged_weights(fixture_splits, tmp_p
 
 
 def test_per_image_normalisation_makes_the_model_blind_to_exposure_shifts():
-    model = build_model(32, train_params(image_size=32, filters=[4], dropout=0.0, crop=1.0, stem_filters=0,
+    model = build_model(32, scratch_params(image_size=32, filters=[4], dropout=0.0, crop=1.0, stem_filters=0,
                                          normalization="per_image"))
     image = np.random.default_rng(0).uniform(60, 160, (1, 32, 32, 1)).astype("float32")
     brighter_flatter = (image - 60) * 0.5 + 90
     np.testing.assert_allclose(pneumonia(model, image), pneumonia(model, brighter_flatter), atol=1e-3)
     with pytest.raises(ValueError, match="normalization"):
-        train_params(normalization="whiten")
+        scratch_params(normalization="whiten")
 
 
 def test_noise_augmentation_adds_noise_within_range():

@@ -106,6 +106,20 @@ def test_frozen_stages_and_batch_norm_stay_as_imagenet_left_them():
     assert tuple(parts.feature_map.shape) == (None, 2, 2, efficientnet.HEAD_FILTERS)
 
 
+def test_the_saved_network_loads_in_safe_mode_as_it_was(tmp_path):
+    """What the train stage saves and every later stage loads: the same outputs, the frozen parts still frozen."""
+    import keras
+
+    model = build_model(64, train_params(backbone="efficientnet_lite0", image_size=64, frozen_stages=1,
+                                         freeze_batch_norm=True, crop=1.0))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", compile=False, safe_mode=True)
+    images = photos(64).mean(axis=3, keepdims=True)
+    np.testing.assert_array_equal(loaded(images)["pneumonia"].numpy(), model(images)["pneumonia"].numpy())
+    assert [layer.trainable for layer in loaded.layers] == [layer.trainable for layer in model.layers]
+    assert model_parts(loaded).stages == model_parts(model).stages
+
+
 def test_an_unknown_backbone_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="backbone"):
         train_params(backbone="resnet50")
