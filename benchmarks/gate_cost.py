@@ -1,5 +1,6 @@
-"""What the input gate adds to scoring one image: the evaluated artefact without the gate
-(`models/calibrated.onnx`) against the one with it (`models/serving.onnx`), on the same images.
+"""What the input gate adds to scoring one image: the served artefact (`models/serving.onnx`) against the
+same network and decision assembled without the gate (built here from `models/model.keras` and
+`models/decision.json`, as the assemble stage builds it: TensorFlow needed), on the same images.
 
     python benchmarks/gate_cost.py [--repeats 1000] [--output benchmarks/gate-results.json]
 
@@ -20,7 +21,8 @@ from scoring.imaging import decode_greyscale, resize_grey
 from scoring.runtime import ServingArtefact
 
 ROOT = Path(__file__).resolve().parent.parent
-WITHOUT_GATE = ROOT / "models" / "calibrated.onnx"
+NETWORK = ROOT / "models" / "model.keras"
+DECISION = ROOT / "models" / "decision.json"
 WITH_GATE = ROOT / "models" / "serving.onnx"
 EXAMPLES = sorted((ROOT / "examples").glob("*.png"))
 TARGET_ADDED_MS = 0.5
@@ -42,12 +44,22 @@ def timings_ms(artefacts: dict[str, ServingArtefact], images: list[np.ndarray], 
     return samples
 
 
+def without_gate() -> ServingArtefact:
+    import keras
+
+    from pipeline.artefact import build
+    from scoring.decision import Decision
+
+    network = keras.models.load_model(NETWORK, compile=False, safe_mode=True)
+    return ServingArtefact(build(network, Decision.from_json(DECISION.read_text(encoding="utf-8"))), "no gate")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=1000)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    artefacts = {"without gate": ServingArtefact.from_file(WITHOUT_GATE), "with gate": ServingArtefact.from_file(WITH_GATE)}
+    artefacts = {"without gate": without_gate(), "with gate": ServingArtefact.from_file(WITH_GATE)}
     size = artefacts["with gate"].input_size
     images = [resize_grey(decode_greyscale(path.read_bytes()), size) for path in EXAMPLES]
     timings_ms(artefacts, images, 50)  # warm-up

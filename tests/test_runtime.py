@@ -40,6 +40,18 @@ def test_predict_paths_keeps_order_across_batches_and_reports_unreadable_files(p
     assert first.name == again.name and first.probability == again.probability
 
 
+def test_a_batch_is_run_in_slices_with_every_output_in_order(predictor):
+    from scoring.runtime import RUN_SIZE
+
+    artefact = predictor.artefact
+    images = np.random.default_rng(3).integers(0, 255, (2 * RUN_SIZE + 1, 64, 64), dtype=np.uint8)
+    together = artefact.run(images, with_cam=True)
+    alone = [artefact.run(image[np.newaxis], with_cam=True) for image in images]
+    for field in ("probability", "viral", "orientation", "cam"):
+        np.testing.assert_allclose(getattr(together, field), np.concatenate([getattr(one, field) for one in alone]),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def with_threshold(bundle, threshold: float) -> Predictor:
     """The same network, its decision restamped with another threshold."""
     original = (bundle / "model.onnx").read_bytes()
