@@ -2,7 +2,7 @@
 Markdown table and writes JSON.
 
     python benchmarks/rest_benchmark.py [--model-uri URI | --stand-in] [--clients 16] [--requests 10000]
-                                        [--warmup 200] [--time-limit-s 900] [--output benchmarks/rest-results.json]
+                                        [--warmup 3000] [--time-limit-s 900] [--output benchmarks/rest-results.json]
 
 Starts `python app.py` on a free loopback port (its own process group, stopped as one at the end). Each of
 `--clients` threads holds one keep-alive HTTP connection and posts one X-ray per request (the example images
@@ -11,10 +11,11 @@ requests the app's resident memory is the baseline; then `--requests` requests a
 succeeds when it answers 200 with one scored result for the file sent; anything else is a failure, by kind.
 Memory is sampled every second; growth is from the baseline to the end.
 
-Before the app starts, the same model's bare serving artefact is timed in this process, one image a call
-(its ONNX graph in an ONNX Runtime session with the runtime's default settings, threads spinning between
-calls, on an example already decoded and resized), back to back for `--bare-seconds`: the ceiling the
-endpoint is measured against.
+Before the app starts and again after it stopped, the same model's bare serving artefact is timed in this
+process, one image a call (its ONNX graph in an ONNX Runtime session with the runtime's default settings,
+threads spinning between calls, on an example already decoded and resized), back to back for
+`--bare-seconds`: the faster of the two is the ceiling the endpoint is measured against (this shared
+machine's single runs of it vary by up to a quarter).
 
 Targets (issues #19 and model quality IV): the endpoint reaches >= 70% of the bare artefact's one-image-a-call
 throughput, with no failure from 16 clients on 2 cores, resident memory growing <= 5% over 10,000 requests.
@@ -65,6 +66,8 @@ TARGET_FAILED = 0
 TARGET_RSS_GROWTH_PCT = 5.0
 REQUEST_TIMEOUT_S = 60.0
 RSS_SAMPLE_S = 1.0
+# Baseline and final memory are both read this long after their load ended: the same state, at rest.
+SETTLE_S = 2.0
 # The train params that shape the network (tests.helpers.tiny_keras_model's overrides).
 STAND_IN_ARCHITECTURE = ("backbone", "image_size", "filters", "convs_per_block", "residual", "normalization",
                          "dropout", "crop", "stem_filters")
@@ -212,6 +215,7 @@ def measure(model_uri: str | None, args: argparse.Namespace) -> dict[str, Any]:
                 log.seek(0)
                 raise RuntimeError(f"the app did not start:\n{log.read().decode(errors='replace')[-2000:]}")
             warmup = load(port, bodies, args.clients, args.warmup, deadline)
+            time.sleep(SETTLE_S)
             baseline = resident_mb(process.pid)
             sampler = MemorySampler(process.pid)
             sampler.start()
@@ -219,6 +223,7 @@ def measure(model_uri: str | None, args: argparse.Namespace) -> dict[str, Any]:
             timed = load(port, bodies, args.clients, args.requests, deadline)
             elapsed = time.perf_counter() - started
             sampler.done.set()
+            time.sleep(SETTLE_S)
             final = resident_mb(process.pid)
         finally:
             stop(process)
@@ -228,6 +233,7 @@ def measure(model_uri: str | None, args: argparse.Namespace) -> dict[str, Any]:
         "warmup_outcomes": dict(warmup.outcomes), "outcomes": dict(timed.outcomes), "seconds": elapsed,
         "images_per_s": timed.outcomes["ok"] / elapsed, "latency": percentiles(timed.latencies),
         "rss_baseline_mb": baseline, "rss_final_mb": final, "rss_peak_mb": max(sampler.samples + [final]),
+        "rss_samples_mb": [round(sample, 1) for sample in sampler.samples],
         "rss_growth_pct": 100.0 * (final - baseline) / baseline,
     }
 
@@ -262,7 +268,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                "architecture (needs TensorFlow)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=10_000, help="timed requests, after the warm-up")
-    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=3000,
+                        help="untimed requests first: with two scoring threads memory settles within 3,000")
     parser.add_argument("--time-limit-s", type=float, default=900.0,
                         help="the whole run, model and app start included: past it no new request starts")
     parser.add_argument("--bare-seconds", type=float, default=BARE_SECONDS,
@@ -281,9 +288,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     with tempfile.TemporaryDirectory() as folder:
         model_uri = stand_in_model(Path(folder) / "stand-in") if args.stand_in else args.model_uri
-        bare = bare_throughput(model_uri, args.bare_seconds)
+        before = bare_throughput(model_uri, args.bare_seconds)
         result = measure(model_uri, args)
-    result.update(bare=bare, share_of_bare=result["images_per_s"] / bare["images_per_s"])
+        after = bare_throughput(model_uri, args.bare_seconds)
+    bare = max(before, after, key=lambda run: run["images_per_s"])
+    result.update(bare=bare, bare_runs_images_per_s=[before["images_per_s"], after["images_per_s"]],
+                  share_of_bare=result["images_per_s"] / bare["images_per_s"])
     result.update(model="stand-in (untrained, configured architecture)" if args.stand_in else model_uri or "default",
                   machine={"cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version()},
                   targets_met={})

@@ -11,7 +11,8 @@ file over the limit, a body over the limit of all files together), 503 (no model
 Uploads stay in memory: the body is parsed here as it streams in (Starlette's own form parser would spool
 any file over 1 MB to a temporary file on disk), each file's bytes are capped as they arrive, and nothing
 about an upload (name, bytes, metadata) is logged. Files from requests that arrive together are scored as
-one batch on a single model thread, which on CPU gives several times the images/s of one at a time.
+one batch on one of two scoring threads (`MODEL_THREADS`), which on CPU gives several times the images/s of
+one at a time.
 
 Gradio builds its FastAPI app at launch, so the route reaches it through `launch(**launch_options(...))`
 (FastAPI's `routes` argument, passed by Gradio's `app_kwargs`), beside the on-device page's routes.
@@ -46,6 +47,9 @@ PATH = "/api/v1/predict"
 FIELD = "files"
 # Room for each part's boundary and headers, on top of its file's bytes, in the limit of a whole body.
 PART_OVERHEAD_BYTES = 16 * 1024
+# Two scoring threads: while one runs the network (ONNX Runtime releases the GIL), the other decodes and checks
+# the next files, so the cores never wait on each other's work (docs/benchmarks.md).
+MODEL_THREADS = 2
 NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 JSON_TYPES = {"double": float, "string": str}
 DESCRIPTION = (f"Multipart field `{FIELD}`: 1 to the app's limit of X-rays (PNG, JPEG or DICOM). One result per "
@@ -216,16 +220,18 @@ class _Job:
 
 
 class BatchScorer:
-    """One model thread for the route. Whatever files are waiting when it comes free (up to `max_batch`)
-    are scored together, and each request gets its own predictions back: alone, a request is scored at
-    once; under load, the batches grow by themselves."""
+    """`threads` scoring threads for the route. Whatever files are waiting when one comes free (up to
+    `max_batch`) are scored together, and each request gets its own predictions back: alone, a request is
+    scored at once; under load, the batches grow by themselves."""
 
-    def __init__(self, service: Served, max_file_bytes: int, max_batch: int = BATCH_SIZE) -> None:
+    def __init__(self, service: Served, max_file_bytes: int, max_batch: int = BATCH_SIZE,
+                 threads: int = MODEL_THREADS) -> None:
         self.service = service
         self.max_file_bytes = max_file_bytes
         self.max_batch = max_batch
+        self.threads = threads
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
 
     async def score(self, items: list[tuple[str, bytes]]) -> list[Prediction]:
@@ -236,9 +242,11 @@ class BatchScorer:
 
     def _start(self) -> None:
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name="rest-model", daemon=True)
-                self._thread.start()
+            if not self._workers:
+                self._workers = [threading.Thread(target=self._serve, name=f"rest-model-{number}", daemon=True)
+                                 for number in range(self.threads)]
+                for worker in self._workers:
+                    worker.start()
 
     def _serve(self) -> None:
         while True:

@@ -4,6 +4,7 @@ statuses and one-line reasons, batching that keeps each request's results its ow
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import http.client
 import logging
@@ -11,8 +12,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import httpx
@@ -22,7 +25,7 @@ from PIL import Image
 
 from scoring import pixels
 from scoring.pixels import MAX_FILE_BYTES
-from scoring.runtime import RECORD_FIELDS, RECORD_TYPES
+from scoring.runtime import RECORD_FIELDS, RECORD_TYPES, Prediction
 from serving import rest
 from tests import image_factory as factory
 from tests.helpers import EXAMPLES, FIXTURE_DATASET, PROJECT, launched, write
@@ -134,7 +137,7 @@ def test_a_refused_file_gets_its_error_in_its_row_and_the_others_are_scored(api)
 
 
 def test_requests_scored_together_each_get_their_own_results(api):
-    # Concurrent requests are batched on one model thread; each must get back its own files, in order,
+    # Concurrent requests are batched on the scoring threads; each must get back its own files, in order,
     # with the scores they get alone.
     requests = [[EXAMPLES[i % 3], EXAMPLES[(i + 1) % 3]][: 1 + i % 2] for i in range(12)]
     alone = {path.name: post(api, as_uploads([path])).json()["results"][0] for path in EXAMPLES}
@@ -145,6 +148,28 @@ def test_requests_scored_together_each_get_their_own_results(api):
         assert [row["name"] for row in rows] == [path.name for path in paths]
         for row in rows:
             assert abs(row["probability_pneumonia"] - alone[row["name"]]["probability_pneumonia"]) <= TOLERANCE
+
+
+def test_a_second_scoring_thread_scores_while_the_first_is_busy():
+    # While one batch is in the network, the next request is scored beside it, not after it.
+    first_running, both_running = threading.Event(), threading.Barrier(2, timeout=20)
+
+    class Predictor:
+        def predict(self, items, max_bytes):
+            first_running.set()
+            both_running.wait()  # broken (an error) unless two batches are scored at the same time
+            return [Prediction(name, 0.5, "NORMAL", 0.5) for name, _ in items]
+
+    scorer = rest.BatchScorer(SimpleNamespace(predictor=Predictor()), 1024)
+    assert scorer.threads == rest.MODEL_THREADS == 2
+
+    async def two_requests():
+        first = asyncio.ensure_future(scorer.score([("first.png", b"")]))
+        await asyncio.to_thread(first_running.wait, 20)
+        return await asyncio.gather(first, scorer.score([("second.png", b"")]))
+
+    first, second = asyncio.run(two_requests())
+    assert [p.name for p in first] == ["first.png"] and [p.name for p in second] == ["second.png"]
 
 
 # --------------------------------------------------------------------------------------------------
