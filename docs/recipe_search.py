@@ -100,7 +100,7 @@ def logit(probabilities: np.ndarray) -> np.ndarray:
 
 def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool,
         simsiam_epochs: int = 0, fold_test: bool = False) -> dict[str, Any]:
-    from pipeline import train
+    from pipeline import hardware, train
     from pipeline.params import load_params
 
     params = load_params()
@@ -126,7 +126,8 @@ def run(name: str, assignments: list[str], seed: int | None, log_to_mlflow: bool
     with tempfile.TemporaryDirectory() as scratch, _maybe_run(log_to_mlflow, name):
         model, rows = train.fit(recipe, seed, splits["train"], splits["val"], Path(scratch) / "best.weights.h5",
                                 callbacks=callbacks)
-        training = {**pretraining, "train_seconds": round(time.perf_counter() - started), "epochs": len(rows),
+        training = {**pretraining, "hardware": hardware.describe(),
+                    "train_seconds": round(time.perf_counter() - started), "epochs": len(rows),
                     "best_epoch": int(train.kept_epoch(rows, recipe.keep)["epoch"]),
                     "external_auc_by_epoch": history, "val_auc_by_epoch": [round(row["val_auc"], 4) for row in rows]}
         # Kept (git-ignored) before scoring, so that a run can be scored again (`--rescore`).
@@ -280,6 +281,13 @@ class _maybe_run:
             mlflow.end_run("FAILED" if exc[0] else "FINISHED")
 
 
+def settings_cell(result: dict[str, Any]) -> str:
+    """The run's changes to params.yaml, and the kernels' instruction set where it was capped."""
+    settings = " ".join(result["settings"]) or "(default)"
+    capped = result.get("hardware", {}).get("onednn_max_cpu_isa", "(not set)")
+    return settings if capped == "(not set)" else f"{settings} ONEDNN_MAX_CPU_ISA={capped}"
+
+
 def table() -> str:
     rows = [("| run | settings | seed | epochs (best) | train time | val ROC-AUC | carved test ROC-AUC | external ROC-AUC "
             "[95% CI] | external spec. at sens. 0.93 / 0.95 | external out of fold: accuracy / ECE / log loss / "
@@ -295,7 +303,7 @@ def table() -> str:
         reported = result.get("external_out_of_fold")
         reported_cell = (f"{reported['accuracy']:.3f} / {reported['ece']:.3f} / {reported['log_loss']:.3f} / "
                          f"{reported['review_share']:.3f}" if reported else "")
-        rows.append(f"| {result['name']} | `{' '.join(result['settings']) or '(default)'}` | {result['seed']} | "
+        rows.append(f"| {result['name']} | `{settings_cell(result)}` | {result['seed']} | "
                     f"{result['epochs']} "
                     f"({result['best_epoch']}) | {result['train_seconds'] // 60} min | {auc['val']['value']:.3f} | "
                     f"{auc['test']['value']:.3f} | {ext['value']:.3f} [{ext['ci_low']:.3f}, {ext['ci_high']:.3f}] | "
