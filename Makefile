@@ -64,9 +64,11 @@ repro: setup sources
 test: setup-dev
 	pytest -q -m "not slow and not browser"
 
-# The slowest tests are listed at the end, so that a suite creeping towards CI's limit shows where.
+# The slowest tests are listed at the end, so that a suite creeping towards CI's limit shows where. Two
+# workers (pytest-xdist), each taking whole test files so that a file's shared fixtures are built once:
+# most of the suite waits on subprocesses (dvc repro, apps, browsers), so two overlap well on two cores.
 test-all: setup-dev setup-scale web
-	pytest -q --durations=20
+	pytest -q --durations=20 -n 2 --dist loadfile
 
 lint: setup-dev
 	ruff check pipeline scoring serving tests benchmarks docs app.py

@@ -168,7 +168,8 @@ def test_a_second_scoring_thread_scores_while_the_first_is_busy():
         await asyncio.to_thread(first_running.wait, 20)
         return await asyncio.gather(first, scorer.score([("second.png", b"")]))
 
-    first, second = asyncio.run(two_requests())
+    with ThreadPoolExecutor(max_workers=1) as pool:  # its own event loop, whatever runs in this thread
+        first, second = pool.submit(asyncio.run, two_requests()).result()
     assert [p.name for p in first] == ["first.png"] and [p.name for p in second] == ["second.png"]
 
 
